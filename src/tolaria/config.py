@@ -1,0 +1,206 @@
+"""One strict configuration tree for a run (design §3.3, §5.1).
+
+``TolariaConfig`` holds every section; ``load_config`` reads YAML, applies
+``--set a.b=c`` overrides and validates.  Any mistake -- an unknown key, a wrong
+type, a missing file -- becomes one ``ConfigError`` naming the dotted field path and
+the file, never a traceback.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tolaria.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Unknown keys are errors: a typo must never silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "mnist1d-mlp"
+    seed: int = 0
+    epochs: int = Field(30, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Mixed precision on CUDA (bfloat16 autocast); ignored on CPU.
+    amp: bool = False
+    #: Parent folder of run directories when ``--run-dir`` is not given.
+    runs_root: str = "runs"
+    progress: bool = True
+    tensorboard: bool = True
+
+
+class DataConfig(Section):
+    #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once) or a
+    #: ``module:function`` returning ``(train_dataset, test_dataset, num_classes)``.
+    dataset: str = "mnist1d"
+    batch_size: int = Field(64, ge=1)
+    #: Fraction of the training split held out for validation; decisions use it,
+    #: the test split is only ever reported.
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    cache_dir: str = "~/.cache/tolaria"
+    num_workers: int = Field(0, ge=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(Section):
+    #: ``mlp``, ``cnn1d``, ``cnn2d`` or a ``module:function`` taking
+    #: ``(input_shape, num_classes, **kwargs)`` and returning an ``nn.Module``.
+    host: str = "mlp"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(Section):
+    #: Any ``torch.optim`` class name.
+    name: str = "Adam"
+    lr: float = Field(1e-3, gt=0.0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Seed parameters on trial train at ``lr * seed_lr_multiplier``.
+    seed_lr_multiplier: float = Field(1.0, gt=0.0)
+    #: Optimizer steps over which a new seed's learning rate ramps up from zero.
+    seed_warmup_steps: int = Field(0, ge=0)
+
+
+class SchedulerConfig(Section):
+    #: A ``torch.optim.lr_scheduler`` class name, or null for a constant LR.
+    name: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Step the scheduler after every optimizer step or once per epoch.
+    interval: Literal["epoch", "step"] = "epoch"
+
+
+class CheckpointConfig(Section):
+    #: Durable checkpoint every N epochs (0: only at the end of the run).
+    every_epochs: int = Field(5, ge=0)
+    #: Durable checkpoints kept on disk.
+    keep: int = Field(2, ge=1)
+    #: In-memory snapshots kept for fast rollback.
+    memory_snapshots: int = Field(3, ge=1)
+
+
+class KasminaConfig(Section):
+    #: Host modules to instrument, by fully qualified name or glob (``fnmatch``).
+    layers: list[str] = Field(default_factory=lambda: ["hidden.*"])
+    #: Each instrumented output is split into this many chunks along dim 1, one seed each.
+    chunks: int = Field(4, ge=1)
+    telemetry: bool = True
+    #: A magnitude at or above this counts as saturated in telemetry.
+    saturation_threshold: float = Field(3.0, gt=0.0)
+    blend_epochs: int = Field(3, ge=1)
+    blend_schedule: Literal["linear", "cosine"] = "linear"
+    #: Epochs a culled seed waits before it is DORMANT (and eligible) again.
+    embargo_epochs: int = Field(3, ge=0)
+
+
+class TamiyoConfig(Section):
+    policy: str = "heuristic"
+    #: Epochs without ``plateau_min_delta`` improvement in validation loss = plateau.
+    plateau_patience: int = Field(2, ge=1)
+    plateau_min_delta: float = Field(1e-3, ge=0.0)
+    #: Blueprints the policy may graft, in order of preference.
+    blueprints: list[str] = Field(default_factory=lambda: ["residual_mlp", "low_rank"])
+    blueprint_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Grafted parameters allowed, as a fraction of the host's initial parameters.
+    param_budget_fraction: float = Field(1.0, gt=0.0)
+    max_active_seeds: int = Field(2, ge=1)
+    min_training_epochs: int = Field(3, ge=1)
+    probation_epochs: int = Field(1, ge=1)
+    #: Validation-accuracy gain (seed vs. its alpha forced to 0) needed to fossilize.
+    fossilize_min_gain: float = 0.0
+    #: Extra score subtracted from a (location, blueprint) pair each time it is culled.
+    cull_penalty: float = Field(1.0, ge=0.0)
+    #: Divergence: loss above ``divergence_factor`` x recent best for this many epochs.
+    divergence_factor: float = Field(3.0, gt=1.0)
+    divergence_epochs: int = Field(1, ge=1)
+    #: Same incident this many times ends the run instead of rolling back again.
+    max_repeated_failures: int = Field(3, ge=1)
+    #: Epochs after a decision at which its outcome is logged.
+    outcome_horizon: int = Field(3, ge=1)
+
+
+class TolariaConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    kasmina: KasminaConfig = Field(default_factory=KasminaConfig)
+    tamiyo: TamiyoConfig = Field(default_factory=TamiyoConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def default_config_text() -> str:
+    return resources.files("tolaria").joinpath("default.yaml").read_text()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TolariaConfig:
+    """Build the run's configuration: the file (or the built-in default), then overrides.
+
+    Each override is ``dotted.key=value`` with ``value`` parsed as YAML, so
+    ``--set run.epochs=5`` is an int and ``--set kasmina.layers=[a,b]`` a list.
+    """
+    source = str(path) if path is not None else "<built-in default>"
+    if path is None:
+        text = default_config_text()
+    else:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(data, override)
+    return validate_config(data, source)
+
+
+def validate_config(data: dict[str, Any], source: str = "<dict>") -> TolariaConfig:
+    try:
+        return TolariaConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "<top level>"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key")
+        else:
+            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+    return f"{source}: " + "; ".join(problems)
