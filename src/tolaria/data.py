@@ -1,0 +1,366 @@
+"""Datasets, reproducible splits and a data order that is a pure function of (seed, epoch).
+
+Three splits, three roles: ``train`` is learned from, ``val`` (carved from the training
+split with ``DataConfig.val_fraction``) is the only split Tamiyo's decisions may look at,
+and ``test`` is the dataset's own held-out split, reported and never used to decide.
+
+Reproducibility contract:
+
+* the train/val split depends only on ``(seed, dataset)``;
+* the order of training batches in epoch ``e`` depends only on ``(seed, e)``
+  (``EpochShuffleSampler``), so a run resumed at epoch ``e`` replays exactly the batches
+  the original run would have seen, with no RNG state to carry;
+* building a dataset never disturbs the caller's global ``random``/``numpy``/``torch``
+  RNG streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+
+from tolaria.config import DataConfig
+from tolaria.errors import ConfigError
+from tolaria.plugins import check_kwargs, is_reference, resolve_callable
+
+BUILTIN_DATASETS = ("mnist1d", "digits", "cifar10")
+
+# Domain tags keep the split's random stream apart from every epoch's order stream even
+# when seed and epoch coincide.
+_SPLIT_STREAM = 0x5B117
+_ORDER_STREAM = 0x0DE12
+
+
+@dataclass
+class DataBundle:
+    """A dataset's three splits and what a host needs to know to fit it."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    #: Per-sample input shape (no batch dimension).
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    #: The training loader's sampler: call ``set_epoch(e)`` before iterating epoch ``e``.
+    train_sampler: EpochShuffleSampler
+    val: DataLoader
+    test: DataLoader | None
+
+
+def _permutation(n: int, *entropy: int) -> np.ndarray:
+    """A permutation of ``range(n)`` fixed by ``entropy`` alone (no global RNG involved)."""
+    words = [e % 2**64 for e in entropy]  # SeedSequence wants non-negative ints
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words))).permutation(n)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffled indices whose order in epoch ``e`` is a permutation seeded by ``(seed, e)``.
+
+    Iterating twice in the same epoch yields the same order; the order never depends on
+    how many epochs ran before, so resuming is just ``set_epoch(e)``.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n < 1:
+            raise ConfigError(f"cannot shuffle an empty dataset (n={n})")
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(_permutation(self.n, _ORDER_STREAM, self.seed, self.epoch).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+    def state_dict(self) -> dict[str, int]:
+        """JSON-able data-order state for checkpoints: (seed, epoch) is all there is."""
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n or state["seed"] != self.seed:
+            raise ConfigError(
+                f"data order was recorded for n={state['n']}, seed={state['seed']} but this "
+                f"run has n={self.n}, seed={self.seed}: the dataset or seed changed"
+            )
+        self.epoch = state["epoch"]
+
+
+def load_data(config: DataConfig, seed: int) -> DataBundle:
+    """Build the bundle named by ``config.dataset`` with its validation split carved by ``seed``."""
+    name = config.dataset
+    if is_reference(name):
+        return _load_user(config, seed)
+    if name == "mnist1d":
+        train, test = _mnist1d(config)
+        input_shape, num_classes = (train.tensors[0].shape[1],), 10
+    elif name == "digits":
+        train, test = _digits(config)
+        input_shape, num_classes = (1, 8, 8), 10
+    elif name == "cifar10":
+        train, test = _cifar10(config)
+        input_shape, num_classes = (3, 32, 32), 10
+    else:
+        raise ConfigError(
+            f"data.dataset={name!r}: unknown dataset (built-in: {', '.join(BUILTIN_DATASETS)}; "
+            "or 'module:function' for your own)"
+        )
+    train, val = split_train_val(train, config.val_fraction, seed)
+    return DataBundle(name, train, val, test, tuple(input_shape), num_classes)
+
+
+def split_train_val(dataset: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold out ``round(n * val_fraction)`` samples chosen by ``seed``.
+
+    In-memory tensor datasets are split into new ``TensorDataset``s (contiguous tensors,
+    cheap batches); anything else becomes two ``Subset`` views.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    n_val = round(n * val_fraction)
+    if n_val < 1 or n_val >= n:
+        raise ConfigError(
+            f"data.val_fraction={val_fraction}: leaves {n - n_val} training and {n_val} "
+            f"validation samples out of {n}; both must be at least 1"
+        )
+    order = _permutation(n, _SPLIT_STREAM, seed)
+    # Sorted, so each split is a set determined by the seed and keeps the source's order.
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    if isinstance(dataset, TensorDataset):
+        train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+        return (
+            TensorDataset(*(t[train_t] for t in dataset.tensors)),
+            TensorDataset(*(t[val_t] for t in dataset.tensors)),
+        )
+    return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
+
+
+def make_loaders(bundle: DataBundle, config: DataConfig, seed: int) -> Loaders:
+    """Loaders for the bundle; only training is shuffled, and only by ``EpochShuffleSampler``."""
+    common: dict[str, Any] = {
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
+        # Pinned pages only pay off when batches are copied to a GPU.
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": config.num_workers > 0,
+    }
+    sampler = EpochShuffleSampler(len(bundle.train), seed)  # type: ignore[arg-type]
+    return Loaders(
+        train=DataLoader(bundle.train, sampler=sampler, **common),
+        train_sampler=sampler,
+        val=DataLoader(bundle.val, shuffle=False, **common),
+        test=None if bundle.test is None else DataLoader(bundle.test, shuffle=False, **common),
+    )
+
+
+# --- built-in datasets ------------------------------------------------------------------
+
+
+@contextmanager
+def _preserved_global_rng() -> Iterator[None]:
+    """Restore Python's and NumPy's global RNGs afterwards (mnist1d reseeds both)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _mnist1d_args(config: DataConfig) -> dict[str, Any]:
+    from mnist1d.data import get_dataset_args
+
+    args = get_dataset_args(as_dict=True)
+    del args["url"]  # only the download path uses it; we never download
+    unknown = sorted(set(config.kwargs) - set(args))
+    if unknown:
+        raise ConfigError(
+            f"data.kwargs: unknown mnist1d generator argument(s) {', '.join(map(repr, unknown))} "
+            f"(accepted: {', '.join(sorted(args))})"
+        )
+    args.update(config.kwargs)
+    return args
+
+
+def _mnist1d_cache_path(config: DataConfig, args: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(config.cache_dir).expanduser() / f"mnist1d-{key}.npz"
+
+
+def generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Run the mnist1d package's local generator (never its download path)."""
+    from mnist1d.data import make_dataset
+    from mnist1d.utils import ObjectView
+
+    with _preserved_global_rng():
+        data = make_dataset(ObjectView(dict(args)))
+    return {
+        "x": data["x"].astype(np.float32),
+        "y": data["y"].astype(np.int64),
+        "x_test": data["x_test"].astype(np.float32),
+        "y_test": data["y_test"].astype(np.int64),
+    }
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: archive[k] for k in ("x", "y", "x_test", "y_test")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        # Missing or unreadable (e.g. a foreign file): regenerate rather than fail.
+        return None
+
+
+def _write_cache_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Temp file in the same directory + ``os.replace``: readers never see a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mnist1d(config: DataConfig) -> tuple[TensorDataset, TensorDataset]:
+    args = _mnist1d_args(config)
+    path = _mnist1d_cache_path(config, args)
+    arrays = _read_cache(path)
+    if arrays is None:
+        arrays = generate_mnist1d(args)
+        try:
+            _write_cache_atomically(path, arrays)
+        except OSError as exc:
+            raise ConfigError(
+                f"data.cache_dir={config.cache_dir!r}: cannot write the MNIST-1D cache "
+                f"({exc.strerror or exc})"
+            ) from None
+    return (
+        TensorDataset(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])),
+        TensorDataset(torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])),
+    )
+
+
+def _digits(config: DataConfig) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's bundled 8x8 digits; a fixed 80/20 train/test split.
+
+    The test split is the dataset's own, so it is fixed (``split_seed``, default 0) and
+    does not move with the run seed: test numbers stay comparable across seeds.
+    """
+    from sklearn.datasets import load_digits
+
+    options = {"test_fraction": 0.2, "split_seed": 0}
+    unknown = sorted(set(config.kwargs) - set(options))
+    if unknown:
+        raise ConfigError(
+            f"data.kwargs: unknown digits argument(s) {', '.join(map(repr, unknown))} "
+            f"(accepted: {', '.join(options)})"
+        )
+    options.update(config.kwargs)
+    if not 0.0 < options["test_fraction"] < 1.0:
+        raise ConfigError(
+            f"data.kwargs.test_fraction={options['test_fraction']}: must be in (0, 1)"
+        )
+    digits = load_digits()
+    x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    train, test = split_train_val(
+        TensorDataset(x, y), options["test_fraction"], options["split_seed"]
+    )
+    return train, test  # type: ignore[return-value]
+
+
+def _cifar10(config: DataConfig) -> tuple[Dataset, Dataset]:
+    try:
+        from torchvision import datasets, transforms
+    except ImportError:
+        raise ConfigError(
+            "data.dataset='cifar10' needs torchvision: pip install torchvision "
+            "(the first run also needs internet to download CIFAR-10 into data.cache_dir)"
+        ) from None
+    root = Path(config.cache_dir).expanduser() / "cifar10"
+    transform = transforms.Compose([
+        transforms.ToTensor(),
+        transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    ])
+    if config.kwargs:
+        raise ConfigError(f"data.kwargs: cifar10 takes no arguments, got {sorted(config.kwargs)}")
+    try:
+        train = datasets.CIFAR10(root, train=True, download=True, transform=transform)
+        test = datasets.CIFAR10(root, train=False, download=True, transform=transform)
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(
+            f"data.dataset='cifar10': cannot load or download CIFAR-10 into {root} ({exc}); "
+            "the first run needs internet"
+        ) from None
+    return train, test
+
+
+# --- user datasets ----------------------------------------------------------------------
+
+
+def _load_user(config: DataConfig, seed: int) -> DataBundle:
+    """``module:function(**kwargs)`` -> a ``DataBundle`` or ``(train, test, num_classes)``."""
+    field = f"data.dataset={config.dataset!r}"
+    function = resolve_callable(config.dataset, "data.dataset")
+    check_kwargs(function, config.kwargs, "data.kwargs")
+    result = function(**config.kwargs)
+    if isinstance(result, DataBundle):
+        return result
+    if not (isinstance(result, tuple) and len(result) == 3):
+        raise ConfigError(
+            f"{field}: must return a DataBundle or a tuple (train_dataset, test_dataset, "
+            f"num_classes), got {type(result).__name__}"
+        )
+    train, test, num_classes = result
+    for split, dataset in (("train", train), ("test", test)):
+        if dataset is None and split == "test":
+            continue
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise ConfigError(
+                f"{field}: the {split} dataset must support len() and indexing, "
+                f"got {type(dataset).__name__}"
+            )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"{field}: num_classes must be an int >= 2, got {num_classes!r}")
+    if len(train) == 0:
+        raise ConfigError(f"{field}: the training dataset is empty")
+    input_shape = _sample_shape(train[0], field)
+    train, val = split_train_val(train, config.val_fraction, seed)
+    return DataBundle(config.dataset, train, val, test, input_shape, num_classes)
+
+
+def _sample_shape(sample: Any, field: str) -> tuple[int, ...]:
+    if not (isinstance(sample, tuple | list) and len(sample) >= 2):
+        raise ConfigError(f"{field}: a sample must be an (input, label) pair, got {sample!r:.80}")
+    try:
+        return tuple(torch.as_tensor(sample[0]).shape)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(
+            f"{field}: a sample's input is not tensor-like ({type(sample[0]).__name__})"
+        ) from None

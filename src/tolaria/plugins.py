@@ -1,0 +1,79 @@
+"""User code named in the configuration as ``module:function``.
+
+Datasets and hosts may come from the user's own code.  Resolving such a reference and
+checking the keyword arguments the config passes to it happen here, once, so every
+mistake (a missing module, a misspelt function, an argument it does not accept) is one
+``ConfigError`` naming the offending config field and the reference, not a traceback from
+deep inside an import or a call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tolaria.errors import ConfigError
+
+
+def is_reference(name: str) -> bool:
+    """``module:function`` (as opposed to a built-in's plain name)."""
+    return ":" in name
+
+
+def resolve_callable(reference: str, field: str) -> Callable[..., Any]:
+    """Import ``module:function`` (the function part may be dotted: ``pkg.mod:Class.make``)."""
+    module_name, _, attr_path = reference.partition(":")
+    if not module_name or not attr_path:
+        raise ConfigError(f"{field}={reference!r}: expected 'module:function'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{field}={reference!r}: cannot import module {module_name!r} ({exc})"
+        ) from None
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(
+                f"{field}={reference!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from None
+    if not callable(target):
+        raise ConfigError(f"{field}={reference!r}: {attr_path!r} is not callable")
+    return target
+
+
+def check_kwargs(
+    function: Callable[..., Any],
+    kwargs: Mapping[str, Any],
+    field: str,
+    *,
+    positional: int = 0,
+) -> None:
+    """Fail before the call if ``function`` cannot take ``kwargs`` after ``positional`` args.
+
+    Binding against the signature separates "the config passed an argument this
+    function does not have" (the user's config is wrong: ``ConfigError``) from a
+    ``TypeError`` raised inside the function (a bug in the function: left alone).
+    """
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    try:
+        signature.bind(*([None] * positional), **kwargs)
+    except TypeError as exc:
+        accepted = [
+            p.name
+            for p in list(signature.parameters.values())[positional:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        unknown = [k for k in kwargs if k not in signature.parameters]
+        if unknown:
+            raise ConfigError(
+                f"{field}: unknown argument(s) {', '.join(map(repr, unknown))} "
+                f"(accepted: {', '.join(accepted) or 'none'})"
+            ) from None
+        raise ConfigError(f"{field}: {exc}") from None
