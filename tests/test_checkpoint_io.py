@@ -1,0 +1,178 @@
+"""The durable file format: lossless codec, verified reads, no code execution on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tolaria.checkpoint_io import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    TENSORS_FILE,
+    join_tensors,
+    read_checkpoint_dir,
+    split_tensors,
+    write_checkpoint_dir,
+)
+from tolaria.errors import CheckpointError
+
+
+def _nested_state():
+    return {
+        "state": {"fc.weight": {"step": torch.tensor(7.0), "exp_avg": torch.randn(3, 4)}},
+        "groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": ["fc.weight"]}],
+        "by_int": {0: "zero", 5: (1, 2)},
+        "has_tag_key": {"__tolaria__": "user data"},
+        "rng": np.arange(5, dtype=np.uint32),
+        "np_scalar": np.float64(2.5),
+        "bf16": torch.ones(2, dtype=torch.bfloat16),
+        "nan": math.nan,
+        "none": None,
+        "flag": True,
+    }
+
+
+def _assert_same(a, b):
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    else:
+        assert a == b
+
+
+def test_codec_round_trips_types_through_json():
+    tree = _nested_state()
+    document, tensors = split_tensors(tree, "opt")
+    assert all(key.startswith("opt/") for key in tensors)
+    decoded = join_tensors(json.loads(json.dumps(document)), tensors)
+    tree["np_scalar"] = 2.5  # NumPy scalars become the equal Python number
+    _assert_same(tree, decoded)
+
+
+def test_codec_keeps_colliding_paths_apart():
+    tree = {"a/b": torch.zeros(1), "a": {"b": torch.ones(1)}}
+    document, tensors = split_tensors(tree, "x")
+    assert len(tensors) == 2
+    _assert_same(tree, join_tensors(document, tensors))
+
+
+def test_codec_rejects_unsupported_values_naming_where():
+    with pytest.raises(CheckpointError, match=r"x/cfg/fn.*function"):
+        split_tensors({"cfg": {"fn": lambda: 0}}, "x")
+
+
+def _write(tmp_path: Path, name="ckpt") -> Path:
+    document, tensors = split_tensors(_nested_state(), "s")
+    return write_checkpoint_dir(tmp_path / name, tensors, {"s": document})
+
+
+def test_write_then_read_round_trip_leaves_no_temporaries(tmp_path):
+    tree = _nested_state()
+    document, tensors = split_tensors(tree, "s")
+    path = write_checkpoint_dir(tmp_path / "ckpt", tensors, {"s": document})
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        [TENSORS_FILE, STATE_FILE, MANIFEST_FILE]
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    loaded_tensors, state = read_checkpoint_dir(path)
+    tree["np_scalar"] = 2.5
+    _assert_same(tree, join_tensors(state["s"], loaded_tensors))
+
+
+def test_write_refuses_to_overwrite(tmp_path):
+    path = _write(tmp_path)
+    before = (path / TENSORS_FILE).read_bytes()
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        write_checkpoint_dir(path, {"t": torch.zeros(1)}, {})
+    assert (path / TENSORS_FILE).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: _flip_byte(p / TENSORS_FILE), "SHA-256"),
+        (lambda p: _flip_byte(p / STATE_FILE), "SHA-256"),
+        (lambda p: _truncate(p / TENSORS_FILE), "truncated"),
+        (lambda p: (p / STATE_FILE).unlink(), "missing"),
+        (lambda p: _truncate(p / MANIFEST_FILE), "not valid JSON"),
+        (lambda p: (p / MANIFEST_FILE).write_text('{"format": "other"}'), "not a Tolaria"),
+    ],
+)
+def test_damaged_checkpoints_are_detected(tmp_path, damage, message):
+    path = _write(tmp_path)
+    damage(path)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint_dir(path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = _write(tmp_path)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["version"] = 99
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="version 99"):
+        read_checkpoint_dir(path)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+class _Payload:
+    """Unpickling this creates the marker file: proof that loading executed code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("target", [TENSORS_FILE, STATE_FILE, MANIFEST_FILE])
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_planted_pickle_is_refused_without_running_it(tmp_path, target, writer):
+    path = _write(tmp_path)
+    marker = tmp_path / "pwned"
+    payload = {"model": _Payload(marker), "weights": torch.zeros(3)}
+    if writer == "pickle":
+        (path / target).write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path / target)
+    if target != MANIFEST_FILE:  # a careful attacker also fixes the checksums
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        data = (path / target).read_bytes()
+        manifest["files"][target] = {
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)
+        }
+        (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"not (a )?valid"):
+        read_checkpoint_dir(path)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is live: loading it would fire
+    assert marker.exists()
