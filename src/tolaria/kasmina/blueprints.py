@@ -1,0 +1,234 @@
+"""Blueprints: the small modules a seed grafts onto its chunk, and the registry that names them.
+
+A blueprint's ``build(chunk_shape, **kwargs)`` returns a *delta* module ``d``: it maps a
+batch of chunks ``h`` of per-sample shape ``chunk_shape`` to a tensor of the same shape,
+and the seed adds ``alpha * d(h)`` to the chunk.  Every built-in zero-initialises only its
+output-side layer, so ``d(h) = 0`` at graft while its input-side weights are random: the
+output layer's gradient ``dL/dW_out = g * a^T`` is then non-zero, and once it moves the
+input side receives gradient too.  (Zeroing both sides would leave ReLU units whose
+input and output weights never move.)
+
+``param_cost(chunk_shape, **kwargs)`` is each built-in's closed-form parameter count, so
+a controller can budget growth without building anything.  Users add their own with
+``register_blueprint``; a subclass that does not override ``param_cost`` gets it by
+building the module on the ``meta`` device (no memory, no compute).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from tolaria.errors import BlueprintError
+
+ChunkShape = tuple[int, ...]
+
+
+class Blueprint(ABC):
+    """A named recipe for a delta module.  Subclasses set ``name`` and implement ``build``."""
+
+    name: str = ""
+
+    @abstractmethod
+    def build(self, chunk_shape: ChunkShape, **kwargs: Any) -> nn.Module:
+        """A module mapping ``[batch, *chunk_shape]`` to the same shape, zero at init."""
+
+    def supports(self, chunk_shape: ChunkShape) -> bool:
+        """Whether ``build`` can fit a chunk of this per-sample shape."""
+        return len(chunk_shape) >= 1
+
+    def param_cost(self, chunk_shape: ChunkShape, **kwargs: Any) -> int:
+        """Scalar parameters ``build(chunk_shape, **kwargs)`` creates."""
+        with torch.device("meta"):
+            module = self.build(tuple(chunk_shape), **kwargs)
+        return sum(p.numel() for p in module.parameters())
+
+
+def _zero_(layer: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so the delta it ends is exactly 0 at graft."""
+    for parameter in layer.parameters():
+        nn.init.zeros_(parameter)
+    return layer
+
+
+def _width(chunk_shape: ChunkShape, requested: int | None, ratio: float) -> int:
+    return requested if requested is not None else max(1, math.ceil(chunk_shape[0] * ratio))
+
+
+class ChannelLinear(nn.Module):
+    """``nn.Linear`` over dim 1 (channels), applied at every position of dims 2..."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 2:
+            return self.linear(h)
+        return self.linear(h.movedim(1, -1)).movedim(-1, 1)
+
+
+class ResidualMLP(Blueprint):
+    """``d(h) = W2 relu(W1 h + b1) + b2`` over channels; ``hidden`` defaults to 2x the chunk.
+
+    Cost ``C*H + H + H*C + C`` for ``C`` channels and ``H`` hidden units.
+    """
+
+    name = "residual_mlp"
+
+    def build(
+        self, chunk_shape: ChunkShape, hidden: int | None = None, ratio: float = 2.0
+    ) -> nn.Module:
+        c, h = chunk_shape[0], _width(chunk_shape, hidden, ratio)
+        return nn.Sequential(ChannelLinear(c, h), nn.ReLU(), _zero_(ChannelLinear(h, c)))
+
+    def param_cost(
+        self, chunk_shape: ChunkShape, hidden: int | None = None, ratio: float = 2.0
+    ) -> int:
+        c, h = chunk_shape[0], _width(chunk_shape, hidden, ratio)
+        return 2 * c * h + h + c
+
+
+class LowRank(Blueprint):
+    """Linear bottleneck adapter ``d(h) = B A h + b`` with ``A: C->r`` (no bias), ``B: r->C``.
+
+    Cost ``r*C + C*r + C``.  ``rank`` defaults to a quarter of the chunk's channels.
+    """
+
+    name = "low_rank"
+
+    def build(self, chunk_shape: ChunkShape, rank: int | None = None) -> nn.Module:
+        c, r = chunk_shape[0], _width(chunk_shape, rank, 0.25)
+        return nn.Sequential(ChannelLinear(c, r, bias=False), _zero_(ChannelLinear(r, c)))
+
+    def param_cost(self, chunk_shape: ChunkShape, rank: int | None = None) -> int:
+        c, r = chunk_shape[0], _width(chunk_shape, rank, 0.25)
+        return 2 * c * r + c
+
+
+class _ConvResidual(Blueprint):
+    """``conv(C->H, k) -> ReLU -> conv(H->C, k)``, second conv zeroed, ``padding=k//2``.
+
+    An even ``kernel_size`` changes the length, which germination refuses as a shape
+    mismatch.  Cost ``(C*H*k^n + H) + (H*C*k^n + C)`` for ``n`` spatial dims.
+    """
+
+    spatial_dims: int
+    conv: type[nn.Module]
+
+    def supports(self, chunk_shape: ChunkShape) -> bool:
+        return len(chunk_shape) == 1 + self.spatial_dims
+
+    def build(
+        self,
+        chunk_shape: ChunkShape,
+        hidden: int | None = None,
+        kernel_size: int = 3,
+        ratio: float = 1.0,
+    ) -> nn.Module:
+        c, h = chunk_shape[0], _width(chunk_shape, hidden, ratio)
+        pad = kernel_size // 2
+        return nn.Sequential(
+            self.conv(c, h, kernel_size, padding=pad),
+            nn.ReLU(),
+            _zero_(self.conv(h, c, kernel_size, padding=pad)),
+        )
+
+    def param_cost(
+        self,
+        chunk_shape: ChunkShape,
+        hidden: int | None = None,
+        kernel_size: int = 3,
+        ratio: float = 1.0,
+    ) -> int:
+        c, h = chunk_shape[0], _width(chunk_shape, hidden, ratio)
+        taps = kernel_size**self.spatial_dims
+        return 2 * c * h * taps + h + c
+
+
+class Conv1dResidual(_ConvResidual):
+    name, spatial_dims, conv = "conv1d_residual", 1, nn.Conv1d
+
+
+class Conv2dResidual(_ConvResidual):
+    name, spatial_dims, conv = "conv2d_residual", 2, nn.Conv2d
+
+
+class SqueezeExcitationDelta(nn.Module):
+    """``d(h) = h * tanh(g(mean_spatial(h)))``: a per-channel gain in ``(0, 2)`` once added."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU())
+        self.out = _zero_(nn.Linear(hidden, channels))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pooled = h.flatten(2).mean(2) if h.dim() > 2 else h
+        gain = torch.tanh(self.out(self.gate(pooled)))
+        return h * gain.view(*gain.shape, *(1,) * (h.dim() - 2))
+
+
+class SqueezeExcitation(Blueprint):
+    """Squeeze-excitation gate; ``hidden`` defaults to ``ceil(C / reduction)``.
+
+    Cost ``C*H + H + H*C + C``.
+    """
+
+    name = "se_gate"
+
+    def build(
+        self, chunk_shape: ChunkShape, hidden: int | None = None, reduction: int = 4
+    ) -> nn.Module:
+        c = chunk_shape[0]
+        return SqueezeExcitationDelta(c, _width(chunk_shape, hidden, 1 / reduction))
+
+    def param_cost(
+        self, chunk_shape: ChunkShape, hidden: int | None = None, reduction: int = 4
+    ) -> int:
+        c, h = chunk_shape[0], _width(chunk_shape, hidden, 1 / reduction)
+        return 2 * c * h + h + c
+
+
+_REGISTRY: dict[str, Blueprint] = {}
+
+
+def register_blueprint(blueprint: Blueprint, *, replace: bool = False) -> Blueprint:
+    """Make ``blueprint`` available by its ``name``; returns it (usable as a decorator result)."""
+    if not isinstance(blueprint, Blueprint):
+        raise BlueprintError(
+            f"register_blueprint: expected a Blueprint instance, got {type(blueprint).__name__}"
+        )
+    if not blueprint.name:
+        raise BlueprintError(f"register_blueprint: {type(blueprint).__name__} has no name")
+    if blueprint.name in _REGISTRY and not replace:
+        raise BlueprintError(
+            f"blueprint {blueprint.name!r} is already registered (pass replace=True to override)"
+        )
+    _REGISTRY[blueprint.name] = blueprint
+    return blueprint
+
+
+def unregister_blueprint(name: str) -> None:
+    """Remove a user blueprint (tests and plugins that register temporarily)."""
+    _REGISTRY.pop(name, None)
+
+
+def get_blueprint(name: str) -> Blueprint:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BlueprintError(
+            f"unknown blueprint {name!r} (available: {', '.join(available_blueprints())})"
+        ) from None
+
+
+def available_blueprints() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+for _builtin in (ResidualMLP(), LowRank(), Conv1dResidual(), Conv2dResidual(), SqueezeExcitation()):
+    register_blueprint(_builtin)

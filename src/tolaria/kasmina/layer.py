@@ -1,0 +1,245 @@
+"""``KasminaLayer``: the seeds of one host module, their telemetry, and injection into a host.
+
+A layer sits behind a host module through a forward hook and sees its output ``h`` of
+shape ``[batch, channels, *spatial]``.  Dim 1 is split into ``chunks`` slices with
+``torch.tensor_split`` semantics (the first ``channels % chunks`` slices one wider), one
+``KasminaSeed`` each.
+
+Telemetry, in training mode only, accumulates per chunk on ``h``'s device with no host
+sync: the sums of ``h`` and ``h**2``, the count of non-zeros and of ``|h| >= threshold``
+(per channel, then folded into chunks by one matmul with a ``[channels, chunks]``
+membership matrix), and per batch ``||dL/dh_chunk||^2`` from a tensor hook.  Per-batch
+sums are float32, the epoch accumulators float64 so element counts stay exact.
+``flush_telemetry`` reads everything with one transfer and resets.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tolaria.config import KasminaConfig
+from tolaria.contracts import SeedTelemetry
+from tolaria.errors import ConfigError
+from tolaria.kasmina.seed import KasminaSeed
+
+#: Rows of the activation accumulator.
+_SUM, _SUM_SQ, _NONZERO, _SATURATED = range(4)
+
+
+class KasminaLayer(nn.Module):
+    """One seed per chunk of a host module's output (``seeds``), plus their telemetry."""
+
+    def __init__(self, module_fqn: str, config: KasminaConfig) -> None:
+        super().__init__()
+        self.module_fqn = module_fqn
+        self.telemetry = config.telemetry
+        self.saturation_threshold = config.saturation_threshold
+        #: Set while counterfactual evaluation runs, so it never counts as training telemetry.
+        self.paused = False
+        self.seeds = nn.ModuleList(
+            KasminaSeed(f"{module_fqn}.{i}", config) for i in range(config.chunks)
+        )
+        for seed in self.seeds:
+            # A plain attribute, not a submodule: the tree stays a tree, and deepcopy's memo
+            # points the copy's seeds at the copied layer.
+            object.__setattr__(seed, "_layer", self)
+        self.channels: int | None = None
+        self._widths: list[int] = []
+        self._split_points: tuple[int, ...] = ()
+        self._reduce_dims: tuple[int, ...] = (0,)
+        # Plain tensors, not buffers: model.half() must not shrink float64 accumulators.
+        self._membership = torch.empty(0, dtype=torch.float64)
+        self._activation_sums = torch.empty(0, dtype=torch.float64)
+        self._grad_sq_sums = torch.empty(0, dtype=torch.float64)
+        self._samples = 0
+        self._positions = 0
+        self._grad_batches = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.channels is None:
+            self._bind(h)
+        if self.training and self.telemetry and not self.paused:
+            self._observe(h)
+        seeds = self.seeds
+        if all(seed.blueprint is None for seed in seeds):
+            return h
+        chunks = torch.tensor_split(h, self._split_points, dim=1)
+        return torch.cat(
+            [
+                chunk if seed.blueprint is None else seed(chunk)
+                for seed, chunk in zip(seeds, chunks, strict=True)
+            ],
+            dim=1,
+        )
+
+    def flush_telemetry(self, epoch: int) -> list[SeedTelemetry]:
+        """This epoch's record for each seed, in chunk order (one device read); then reset.
+
+        Empty when telemetry is off or the layer has never run.
+        """
+        if not self.telemetry or self.channels is None:
+            return []
+        values = torch.cat((self._activation_sums.flatten(), self._grad_sq_sums)).cpu().tolist()
+        k = len(self.seeds)
+        rows = [values[r * k : (r + 1) * k] for r in range(4)]
+        grad_sq = values[4 * k :]
+        records = []
+        for i, seed in enumerate(self.seeds):
+            n = self._positions * self._widths[i]
+            mean = rows[_SUM][i] / n if n else 0.0
+            var = max(rows[_SUM_SQ][i] / n - mean * mean, 0.0) if n else 0.0
+            records.append(
+                SeedTelemetry(
+                    seed_id=seed.seed_id,
+                    epoch=epoch,
+                    samples=self._samples,
+                    activation_mean=mean,
+                    activation_var=var,
+                    dead_fraction=1.0 - rows[_NONZERO][i] / n if n else 0.0,
+                    saturated_fraction=rows[_SATURATED][i] / n if n else 0.0,
+                    grad_norm=math.sqrt(grad_sq[i] / self._grad_batches)
+                    if self._grad_batches
+                    else 0.0,
+                )
+            )
+        self._reset_telemetry(self._activation_sums.device)
+        return records
+
+    # -- internals -------------------------------------------------------------------
+
+    def _bind(self, h: torch.Tensor) -> None:
+        """Learn the channel layout from the first output; give each seed its chunk shape."""
+        if not isinstance(h, torch.Tensor) or h.dim() < 2:
+            got = f"shape {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ConfigError(
+                f"kasmina.layers: {self.module_fqn!r} outputs {got}; seeds need a tensor "
+                "[batch, channels, ...]"
+            )
+        channels, k = h.shape[1], len(self.seeds)
+        if channels < k:
+            raise ConfigError(
+                f"kasmina.chunks={k}: {self.module_fqn!r} has only {channels} output channels"
+            )
+        widths = [len(c) for c in torch.arange(channels).tensor_split(k)]
+        for seed, width in zip(self.seeds, widths, strict=True):
+            shape = (width, *h.shape[2:])
+            if seed.chunk_shape is not None and seed.chunk_shape != shape:
+                raise ConfigError(
+                    f"seed {seed.seed_id}: recorded chunk shape {seed.chunk_shape} but the "
+                    f"host gives {shape}"
+                )
+            seed.chunk_shape = shape
+        self.channels, self._widths = channels, widths
+        self._split_points = tuple(itertools.accumulate(widths[:-1]))
+        self._reduce_dims = (0, *range(2, h.dim()))
+        self._reset_telemetry(h.device)
+
+    def _reset_telemetry(self, device: torch.device) -> None:
+        k = len(self.seeds)
+        if self._membership.device != device or self._membership.numel() == 0:
+            owner = torch.repeat_interleave(torch.arange(k), torch.tensor(self._widths))
+            membership = torch.nn.functional.one_hot(owner, k).to(torch.float64)
+            self._membership = membership.to(device)
+            self._membership_t = self._membership.t().contiguous()
+        self._activation_sums = torch.zeros(4, k, dtype=torch.float64, device=device)
+        self._grad_sq_sums = torch.zeros(k, dtype=torch.float64, device=device)
+        self._samples = self._positions = self._grad_batches = 0
+
+    def _observe(self, h: torch.Tensor) -> None:
+        if h.device != self._membership.device:  # the model moved: start this epoch afresh
+            self._reset_telemetry(h.device)
+        x = h.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        dims = self._reduce_dims
+        sum_sq = torch.linalg.vecdot(x, x, dim=0) if x.dim() == 2 else x.square().sum(dims)
+        per_channel = torch.stack(
+            (
+                x.sum(dims),
+                sum_sq,
+                torch.count_nonzero(x, dims),
+                torch.count_nonzero(x.abs() >= self.saturation_threshold, dims),
+            )
+        )
+        self._activation_sums.addmm_(per_channel.double(), self._membership)
+        self._samples += x.shape[0]
+        self._positions += x.numel() // self.channels
+        if h.requires_grad:
+            h.register_hook(self._observe_grad)
+
+    def _observe_grad(self, g: torch.Tensor) -> None:
+        if g.dtype not in (torch.float32, torch.float64):
+            g = g.float()
+        dims = self._reduce_dims
+        sum_sq = torch.linalg.vecdot(g, g, dim=0) if g.dim() == 2 else g.square().sum(dims)
+        self._grad_sq_sums.addmv_(self._membership_t, sum_sq.double())
+        self._grad_batches += 1
+
+
+def _kasmina_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    # Module-level and looked up by name so copy.deepcopy(model) keeps a working hook.
+    return module.kasmina(output)
+
+
+def inject_seeds(model: nn.Module, config: KasminaConfig) -> list[KasminaLayer]:
+    """Attach a ``KasminaLayer`` named ``kasmina`` to every module matching ``config.layers``.
+
+    Patterns are ``fnmatch`` globs on fully qualified names (``*`` crosses dots), and only
+    the outermost match of a subtree is instrumented: ``hidden.*`` picks the blocks
+    ``hidden.0``, ``hidden.1``, not also the layers inside them.  The host's own parameter
+    names do not change.  A pattern matching no module is a ``ConfigError``.  On an
+    ``nn.Sequential`` the layer is its last child and needs no hook.
+    """
+    candidates = [(name, module) for name, module in model.named_modules() if name]
+    reference = next(itertools.chain(model.parameters(), model.buffers()), None)
+    matched_patterns: set[str] = set()
+    skip: list[str] = []
+    layers = []
+    for name, module in candidates:
+        if isinstance(module, KasminaLayer):
+            skip.append(name)
+        hits = [p for p in config.layers if fnmatch.fnmatchcase(name, p)]
+        matched_patterns.update(hits)
+        if not hits or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if "kasmina" in module._modules:
+            raise ConfigError(f"kasmina.layers: {name!r} already has Kasmina seeds")
+        layer = KasminaLayer(name, config)
+        own = next(itertools.chain(module.parameters(), module.buffers()), reference)
+        if own is not None:
+            layer.to(device=own.device, dtype=own.dtype if own.is_floating_point() else None)
+        if isinstance(module, nn.ModuleList | nn.ModuleDict):
+            raise ConfigError(f"kasmina.layers: {name!r} is a container without a forward")
+        module.add_module("kasmina", layer)
+        # nn.Sequential runs every child in order, so there the appended layer already
+        # sees the output; a hook as well would apply it twice.
+        if type(module).forward is not nn.Sequential.forward:
+            module.register_forward_hook(_kasmina_forward_hook)
+        layers.append(layer)
+        skip.append(name)
+    unmatched = [p for p in config.layers if p not in matched_patterns]
+    if unmatched:
+        names = [n for n, _ in candidates if ".kasmina" not in n and not n.startswith("kasmina")]
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise ConfigError(
+            f"kasmina.layers: {', '.join(map(repr, unmatched))} match no module of "
+            f"{type(model).__name__} (modules: {shown})"
+        )
+    return layers
+
+
+def find_seeds(model: nn.Module) -> list[KasminaSeed]:
+    """Every seed of ``model`` in module order, then chunk order."""
+    return [seed for m in model.modules() if isinstance(m, KasminaLayer) for seed in m.seeds]
+
+
+def collect_telemetry(seeds: Iterable[KasminaSeed], epoch: int) -> dict[str, SeedTelemetry]:
+    """Flush the layers holding ``seeds`` (each once) and return their records by seed id."""
+    layers = {id(seed.layer): seed.layer for seed in seeds}
+    return {r.seed_id: r for layer in layers.values() for r in layer.flush_telemetry(epoch)}
