@@ -104,21 +104,38 @@ class TamiyoConfig(Section):
     #: Epochs without ``plateau_min_delta`` improvement in validation loss = plateau.
     plateau_patience: int = Field(2, ge=1)
     plateau_min_delta: float = Field(1e-3, ge=0.0)
+    #: No germination before this epoch, however flat the loss.
+    min_epochs_before_growth: int = Field(0, ge=0)
+    #: Seeds grafted at most per epoch (within ``max_active_seeds``).
+    max_germinations_per_epoch: int = Field(1, ge=1)
     #: Blueprints the policy may graft, in order of preference.
     blueprints: list[str] = Field(default_factory=lambda: ["residual_mlp", "low_rank"])
     blueprint_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Grafted parameters allowed, as a fraction of the host's initial parameters.
     param_budget_fraction: float = Field(1.0, gt=0.0)
     max_active_seeds: int = Field(2, ge=1)
+    #: Where to grow: unhealthiness = w_dead * dead_fraction + w_saturated *
+    #: saturated_fraction + w_gradient * grad_norm / (largest grad_norm among candidates).
+    health_weight_dead: float = Field(1.0, ge=0.0)
+    health_weight_saturated: float = Field(1.0, ge=0.0)
+    health_weight_gradient: float = Field(1.0, ge=0.0)
     min_training_epochs: int = Field(3, ge=1)
     probation_epochs: int = Field(1, ge=1)
     #: Validation-accuracy gain (seed vs. its alpha forced to 0) needed to fossilize.
     fossilize_min_gain: float = 0.0
+    #: Validation-loss reduction (seed vs. its alpha forced to 0) needed to fossilize.
+    fossilize_min_loss_gain: float = 1e-3
     #: Extra score subtracted from a (location, blueprint) pair each time it is culled.
     cull_penalty: float = Field(1.0, ge=0.0)
-    #: Divergence: loss above ``divergence_factor`` x recent best for this many epochs.
+    #: Divergence: loss above ``divergence_factor`` x the best of the last
+    #: ``divergence_window`` epochs, for ``divergence_epochs`` consecutive epochs.
     divergence_factor: float = Field(3.0, gt=1.0)
     divergence_epochs: int = Field(1, ge=1)
+    divergence_window: int = Field(5, ge=1)
+    #: Collapse: validation accuracy at or below ``1 / num_classes + collapse_margin``.
+    collapse_margin: float = Field(0.02, ge=0.0)
+    #: Decisions this many epochs before an incident are its suspects (never replayed).
+    incident_lookback_epochs: int = Field(3, ge=0)
     #: Same incident this many times ends the run instead of rolling back again.
     max_repeated_failures: int = Field(3, ge=1)
     #: Epochs after a decision at which its outcome is logged.

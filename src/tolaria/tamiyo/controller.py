@@ -1,0 +1,341 @@
+"""TamiyoController: the morphogenetic controller Tolaria calls at every epoch end.
+
+Per epoch (design §2, Figures 1-2)::
+
+    on_epoch_boundary(epoch)   the epoch's seed telemetry becomes the health map
+    seeds_to_evaluate()        PROBATIONARY seeds, whose counterfactual Tolaria measures
+    step(packet)               emergency check -> plateau tracking -> due outcomes ->
+                               each seed's on_epoch_end -> policy decisions -> commands
+
+``step`` returns an :class:`AdaptationSignal`.  ``emergency_rollback_required`` is set
+by :mod:`tolaria.tamiyo.emergency` and then nothing else happens that epoch;
+``optimizer_rebuild_required`` is set exactly when the set of trainable seed
+parameters, or the role (on trial / host) of one, changed: germination, cull,
+fossilization.
+
+The controller owns every piece of memory a decision depends on -- plateau tracker,
+penalties, incident memory, decision log -- and ``save_state_dict`` returns all of it as
+plain JSON.  Seeds keep their own state in the model (Kasmina's structure manifest).
+``load_state_dict`` merges the memories that must survive a rollback (incidents,
+penalties, decision ids) and overwrites the rest, so a fresh controller loaded from a
+checkpoint takes exactly the decisions the saved one would have taken.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tolaria.config import KasminaConfig, TamiyoConfig
+from tolaria.contracts import (
+    Adaptation,
+    AdaptationSignal,
+    SeedState,
+    SeedTelemetry,
+    SystemStatePacket,
+)
+from tolaria.errors import BlueprintError, CheckpointError, ConfigError, RepeatedFailureError
+from tolaria.kasmina import KasminaSeed, available_blueprints, collect_telemetry, get_blueprint
+from tolaria.tamiyo.decisions import DecisionLog
+from tolaria.tamiyo.emergency import Emergency, EmergencyDetector, IncidentMemory
+from tolaria.tamiyo.policy import Decision, GraftOption, Observation, Policy, SeedView, make_policy
+
+STATE_VERSION = 1
+
+
+def _discard(kind: str, **fields: Any) -> None:
+    """The event sink of a controller that has no run directory."""
+
+
+class TamiyoController:
+    """Decides when, where and what to grow, judges seeds on trial, detects emergencies."""
+
+    def __init__(
+        self,
+        config: TamiyoConfig,
+        kasmina_config: KasminaConfig,
+        *,
+        num_classes: int,
+        host_parameters: int,
+        event_sink: Callable[..., None] | None = None,
+        policy: Policy | None = None,
+    ) -> None:
+        if num_classes < 2:
+            raise ConfigError(f"TamiyoController: num_classes must be >= 2, got {num_classes}")
+        unknown = [name for name in config.blueprints if name not in available_blueprints()]
+        if unknown:
+            raise ConfigError(
+                f"tamiyo.blueprints: unknown blueprint(s) {unknown} "
+                f"(available: {sorted(available_blueprints())})"
+            )
+        self.config = config
+        self.kasmina_config = kasmina_config
+        self.num_classes = num_classes
+        self.param_budget = int(config.param_budget_fraction * host_parameters)
+        self.policy = policy if policy is not None else make_policy(config)
+        self._emit = event_sink if event_sink is not None else _discard
+        self._seeds: dict[str, KasminaSeed] = {}
+        self._health: dict[str, SeedTelemetry] = {}
+        self._costs: dict[tuple[str, tuple[int, ...]], int | None] = {}
+        self.penalties: dict[tuple[str, str], float] = {}
+        self.best_validation_loss = math.inf
+        self.epochs_since_improvement = 0
+        self.detector = EmergencyDetector(
+            num_classes=num_classes,
+            collapse_margin=config.collapse_margin,
+            divergence_factor=config.divergence_factor,
+            divergence_epochs=config.divergence_epochs,
+            divergence_window=config.divergence_window,
+        )
+        self.incidents = IncidentMemory()
+        self.decisions = DecisionLog(self._emit, config.outcome_horizon)
+
+    # ------------------------------------------------------------------ registration
+    def register_seed(self, seed: KasminaSeed) -> None:
+        if seed.seed_id in self._seeds:
+            raise ValueError(f"seed {seed.seed_id!r} is already registered")
+        self._seeds[seed.seed_id] = seed
+
+    # ------------------------------------------------------------------ epoch boundary
+    def on_epoch_boundary(self, epoch: int) -> None:
+        """Rotate the epoch state: the telemetry the seeds gathered becomes the health map."""
+        health = collect_telemetry(self._seeds.values(), epoch)
+        self._health = {sid: t for sid, t in health.items() if sid in self._seeds}
+
+    @property
+    def health_map(self) -> dict[str, SeedTelemetry]:
+        return dict(self._health)
+
+    @property
+    def seed_states(self) -> dict[str, SeedState]:
+        return {seed_id: seed.state for seed_id, seed in self._seeds.items()}
+
+    def seeds_to_evaluate(self) -> list[str]:
+        """Seeds whose validation with alpha forced to 0 the next packet must carry."""
+        return [sid for sid, s in self._seeds.items() if s.state is SeedState.PROBATIONARY]
+
+    # ------------------------------------------------------------------ the decision
+    def step(self, packet: SystemStatePacket) -> AdaptationSignal:
+        emergency = self.detector.check(packet)
+        if emergency is not None:
+            return self._on_emergency(emergency, packet)
+        epoch = packet.current_epoch
+        self._track_plateau(packet.validation_loss)
+        self.decisions.resolve_due(epoch, packet.validation_loss, packet.validation_accuracy)
+        # Count the epoch just lived before deciding, so ``epochs_in_state`` and the
+        # blending ramp include it (Kasmina's clock makes the order otherwise harmless).
+        for seed in self._seeds.values():
+            seed.on_epoch_end(epoch)
+
+        before = self._trainable_signature()
+        observation = self._observe(packet)
+        adaptations: list[Adaptation] = []
+        failed: set[str] = set()
+        for decision in self.policy.decide(observation):
+            if decision.seed_id in failed:
+                continue  # e.g. the TRAINING that follows a germination that failed
+            adaptation = self._apply(decision, observation)
+            if adaptation is None:
+                failed.add(decision.seed_id)
+            else:
+                adaptations.append(adaptation)
+        rebuild = self._trainable_signature() != before
+        reason = "; ".join(f"{a.seed_id} -> {a.to_state.value}" for a in adaptations)
+        return AdaptationSignal(
+            optimizer_rebuild_required=rebuild, reason=reason, adaptations=tuple(adaptations)
+        )
+
+    def _track_plateau(self, validation_loss: float) -> None:
+        if validation_loss < self.best_validation_loss - self.config.plateau_min_delta:
+            self.best_validation_loss = validation_loss
+            self.epochs_since_improvement = 0
+        else:
+            self.epochs_since_improvement += 1
+
+    def _observe(self, packet: SystemStatePacket) -> Observation:
+        grafted = sum(s.param_count() for s in self._seeds.values() if s.state.holds_blueprint)
+        views = tuple(
+            SeedView(
+                seed_id=seed_id,
+                state=seed.state,
+                epochs_in_state=seed.epochs_in_state,
+                alpha=seed.alpha,
+                blueprint=seed.blueprint_name,
+                param_count=seed.param_count(),
+                telemetry=self._health.get(seed_id),
+                options=self._graft_options(seed),
+                implicated=self.incidents.is_forbidden(seed_id, seed.blueprint_name),
+            )
+            for seed_id, seed in self._seeds.items()
+        )
+        return Observation(
+            packet=packet,
+            seeds=views,
+            epochs_since_improvement=self.epochs_since_improvement,
+            param_budget_left=self.param_budget - grafted,
+        )
+
+    def _graft_options(self, seed: KasminaSeed) -> tuple[GraftOption, ...]:
+        if seed.state is not SeedState.DORMANT or seed.chunk_shape is None:
+            return ()
+        options = []
+        for name in self.config.blueprints:
+            cost = self._param_cost(name, tuple(seed.chunk_shape))
+            if cost is not None:
+                options.append(
+                    GraftOption(
+                        blueprint=name,
+                        param_cost=cost,
+                        penalty=self.penalties.get((seed.seed_id, name), 0.0),
+                        forbidden=self.incidents.is_forbidden(seed.seed_id, name),
+                    )
+                )
+        return tuple(options)
+
+    def _param_cost(self, name: str, chunk_shape: tuple[int, ...]) -> int | None:
+        """Parameters of ``name`` on this chunk shape, None if it does not fit (memoised)."""
+        key = (name, chunk_shape)
+        if key not in self._costs:
+            blueprint = get_blueprint(name)
+            kwargs = self.config.blueprint_kwargs.get(name, {})
+            fits = blueprint.supports(chunk_shape)
+            self._costs[key] = blueprint.param_cost(chunk_shape, **kwargs) if fits else None
+        return self._costs[key]
+
+    def _apply(self, decision: Decision, observation: Observation) -> Adaptation | None:
+        """Issue one command to its seed; log it.  None if the germination was refused."""
+        seed = self._seeds[decision.seed_id]
+        packet = observation.packet
+        epoch = packet.current_epoch
+        from_state = seed.state
+        blueprint = decision.blueprint
+        if decision.to_state is SeedState.GERMINATED:
+            kwargs = self.config.blueprint_kwargs.get(blueprint, {})
+            try:
+                seed.germinate(blueprint, epoch=epoch, reason=decision.reason, **kwargs)
+            except BlueprintError as exc:
+                self._penalise(seed.seed_id, blueprint)
+                self._emit(
+                    "germination_failed",
+                    epoch=epoch,
+                    seed_id=seed.seed_id,
+                    blueprint=blueprint,
+                    error=str(exc),
+                )
+                return None
+            # The graft answers this plateau; the next one must be a fresh plateau.
+            self.epochs_since_improvement = 0
+        else:
+            seed.transition(decision.to_state, epoch=epoch, reason=decision.reason)
+            if decision.to_state is SeedState.CULLED and blueprint is not None:
+                self._penalise(seed.seed_id, blueprint)
+
+        view = next(v for v in observation.seeds if v.seed_id == seed.seed_id)
+        self.decisions.record(
+            epoch=epoch,
+            seed_id=seed.seed_id,
+            action=decision.to_state.value,
+            blueprint=blueprint,
+            reason=decision.reason,
+            validation_loss=packet.validation_loss,
+            validation_accuracy=packet.validation_accuracy,
+            param_cost=seed.param_count(),
+            features={
+                "training_loss": packet.training_loss,
+                "epochs_since_improvement": observation.epochs_since_improvement,
+                "param_budget_left": observation.param_budget_left,
+                "seeds_on_trial": sum(v.state.is_active for v in observation.seeds),
+                "from_state": from_state.value,
+                "epochs_in_state": view.epochs_in_state,
+                "telemetry": view.telemetry.to_dict() if view.telemetry else None,
+                "evidence": dict(decision.evidence),
+            },
+        )
+        return Adaptation(seed.seed_id, from_state, decision.to_state, decision.reason, blueprint)
+
+    def _penalise(self, seed_id: str, blueprint: str) -> None:
+        key = (seed_id, blueprint)
+        self.penalties[key] = self.penalties.get(key, 0.0) + self.config.cull_penalty
+
+    def _trainable_signature(self) -> frozenset[tuple[str, str, bool]]:
+        """(parameter FQN within the seeds, on trial?) for every trainable seed parameter."""
+        return frozenset(
+            (f"{seed_id}/{name}", seed.state.is_active)
+            for seed_id, seed in self._seeds.items()
+            for name, parameter in seed.named_parameters()
+            if parameter.requires_grad
+        )
+
+    # ------------------------------------------------------------------ emergencies
+    def _on_emergency(self, emergency: Emergency, packet: SystemStatePacket) -> AdaptationSignal:
+        suspects = self.decisions.implicate(
+            emergency.epoch,
+            self.config.incident_lookback_epochs,
+            emergency.key,
+            packet.validation_loss,
+            packet.validation_accuracy,
+        )
+        grafts = sorted(
+            {(r.seed_id, r.blueprint) for r in suspects if r.blueprint and r.action != "culled"}
+        )
+        count = self.incidents.record(emergency, grafts)
+        self._emit(
+            "incident",
+            epoch=emergency.epoch,
+            kind=emergency.kind,
+            key=emergency.key,
+            reason=emergency.reason,
+            count=count,
+            suspect_decisions=[r.decision_id for r in suspects],
+            forbidden=[list(g) for g in grafts],
+        )
+        if count >= self.config.max_repeated_failures:
+            implicated = ", ".join(f"{b} at {s}" for s, b in grafts) or "no recent graft"
+            raise RepeatedFailureError(
+                f"{emergency.kind} at epoch {emergency.epoch} happened {count} times "
+                f"(tamiyo.max_repeated_failures={self.config.max_repeated_failures}): "
+                f"{emergency.reason}; implicated: {implicated}. Rolling back again would loop; "
+                "stopping the run."
+            )
+        return AdaptationSignal(
+            emergency_rollback_required=True,
+            reason=f"{emergency.kind} at epoch {emergency.epoch}: {emergency.reason}",
+        )
+
+    # ------------------------------------------------------------------ state
+    def save_state_dict(self) -> dict[str, Any]:
+        """Everything a decision depends on, as plain JSON."""
+        best = self.best_validation_loss
+        return {
+            "version": STATE_VERSION,
+            "best_validation_loss": best if math.isfinite(best) else None,
+            "epochs_since_improvement": self.epochs_since_improvement,
+            "penalties": [[s, b, p] for (s, b), p in sorted(self.penalties.items())],
+            "health_map": {sid: t.to_dict() for sid, t in self._health.items()},
+            "detector": self.detector.state_dict(),
+            "incidents": self.incidents.state_dict(),
+            "decisions": self.decisions.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a saved state; incident memory, penalties and decision ids are merged."""
+        try:
+            if state["version"] != STATE_VERSION:
+                raise CheckpointError(
+                    f"tamiyo state version {state['version']!r}, expected {STATE_VERSION}"
+                )
+            best = state["best_validation_loss"]
+            self.best_validation_loss = math.inf if best is None else best
+            self.epochs_since_improvement = state["epochs_since_improvement"]
+            for seed_id, blueprint, penalty in state["penalties"]:
+                key = (seed_id, blueprint)
+                self.penalties[key] = max(self.penalties.get(key, 0.0), penalty)
+            self._health = {
+                sid: SeedTelemetry.from_dict(t) for sid, t in state["health_map"].items()
+            }
+            self.detector.load_state_dict(state["detector"])
+            self.incidents.merge_state_dict(state["incidents"])
+            self.decisions.merge_state_dict(state["decisions"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"tamiyo state is malformed: {exc!r}") from None

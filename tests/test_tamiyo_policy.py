@@ -1,0 +1,176 @@
+"""HeuristicPolicy as a pure function of an Observation (no seeds, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tolaria.config import TamiyoConfig
+from tolaria.contracts import (
+    EvalMetrics,
+    HardwareContext,
+    SeedState,
+    SeedTelemetry,
+    SystemStatePacket,
+)
+from tolaria.errors import ConfigError
+from tolaria.tamiyo import GraftOption, HeuristicPolicy, Observation, SeedView, make_policy
+
+HW = HardwareContext("cpu", "cpu", 2, 0, 0, 0)
+OPTIONS = (GraftOption("residual_mlp", 100), GraftOption("low_rank", 20))
+
+
+def telemetry(seed_id: str, dead=0.0, saturated=0.0, grad=1.0) -> SeedTelemetry:
+    return SeedTelemetry(seed_id, 0, 10, 0.5, 0.1, dead, saturated, grad)
+
+
+def packet(epoch=5, acc=0.7, loss=0.9, counterfactual=None) -> SystemStatePacket:
+    return SystemStatePacket(
+        current_epoch=epoch,
+        global_step=100,
+        training_loss=loss,
+        validation_loss=loss,
+        validation_accuracy=acc,
+        hardware_context=HW,
+        counterfactual=counterfactual or {},
+    )
+
+
+def dormant(seed_id, tel=None, options=OPTIONS) -> SeedView:
+    return SeedView(seed_id, SeedState.DORMANT, 4, 0.0, None, 0, tel, options)
+
+
+def on_trial(seed_id, state, epochs=1, alpha=0.0, implicated=False) -> SeedView:
+    return SeedView(seed_id, state, epochs, alpha, "low_rank", 20, None, (), implicated)
+
+
+def observe(seeds, plateau=2, budget=1000, **packet_kwargs) -> Observation:
+    return Observation(packet(**packet_kwargs), tuple(seeds), plateau, budget)
+
+
+def test_plateau_germinates_least_healthy_location_then_trains_it():
+    policy = HeuristicPolicy(TamiyoConfig())
+    seeds = [
+        dormant("a.0", telemetry("a.0", dead=0.1, grad=1.0)),
+        dormant("a.1", telemetry("a.1", dead=0.8, grad=0.5)),
+        dormant("a.2", telemetry("a.2", dead=0.0, saturated=0.2, grad=0.9)),
+    ]
+    decisions = policy.decide(observe(seeds))
+    assert [(d.seed_id, d.to_state, d.blueprint) for d in decisions] == [
+        ("a.1", SeedState.GERMINATED, "residual_mlp"),
+        ("a.1", SeedState.TRAINING, "residual_mlp"),
+    ]
+    # unhealthiness = dead + saturated + grad / max grad = 0.8 + 0 + 0.5
+    assert decisions[0].evidence["score"] == pytest.approx(1.3)
+
+
+def test_no_growth_without_plateau_or_before_min_epoch():
+    seeds = [dormant("a.0", telemetry("a.0"))]
+    assert HeuristicPolicy(TamiyoConfig(plateau_patience=3)).decide(observe(seeds)) == []
+    late = TamiyoConfig(min_epochs_before_growth=6)
+    assert HeuristicPolicy(late).decide(observe(seeds, epoch=5)) == []
+    assert HeuristicPolicy(late).decide(observe(seeds, epoch=6)) != []
+
+
+def test_ties_go_to_registration_order_and_blueprint_preference():
+    same = [dormant(f"a.{i}", telemetry(f"a.{i}")) for i in (3, 1, 2)]
+    decisions = HeuristicPolicy(TamiyoConfig()).decide(observe(same))
+    assert (decisions[0].seed_id, decisions[0].blueprint) == ("a.3", "residual_mlp")
+
+
+def test_budget_active_limit_and_forbidden_graft_are_respected():
+    policy = HeuristicPolicy(TamiyoConfig(max_active_seeds=2))
+    sick = dormant("a.0", telemetry("a.0", dead=0.9))
+    # The preferred blueprint does not fit the budget: the cheaper one is grafted.
+    decisions = policy.decide(observe([sick], budget=50))
+    assert decisions[0].blueprint == "low_rank"
+    assert policy.decide(observe([sick], budget=10)) == []
+    # Two seeds already on trial fill the slots.
+    busy = [on_trial("b.0", SeedState.TRAINING), on_trial("b.1", SeedState.TRAINING)]
+    assert policy.decide(observe([sick, *busy])) == []
+    # A forbidden pair is never grafted, the other blueprint still is.
+    forbidden = dormant(
+        "a.0", telemetry("a.0"), (GraftOption("residual_mlp", 100, forbidden=True), OPTIONS[1])
+    )
+    assert policy.decide(observe([forbidden]))[0].blueprint == "low_rank"
+
+
+def test_cull_penalty_moves_growth_elsewhere():
+    policy = HeuristicPolicy(TamiyoConfig())
+    penalised = tuple(GraftOption(o.blueprint, o.param_cost, penalty=1.0) for o in OPTIONS)
+    seeds = [
+        dormant("a.0", telemetry("a.0", dead=0.5), penalised),
+        dormant("a.1", telemetry("a.1", dead=0.2)),
+    ]
+    assert policy.decide(observe(seeds))[0].seed_id == "a.1"
+
+
+def test_several_germinations_per_epoch_when_allowed():
+    policy = HeuristicPolicy(TamiyoConfig(max_germinations_per_epoch=3, max_active_seeds=2))
+    seeds = [dormant(f"a.{i}", telemetry(f"a.{i}", dead=i / 10)) for i in range(4)]
+    grafted = [d.seed_id for d in policy.decide(observe(seeds)) if d.blueprint and
+               d.to_state is SeedState.GERMINATED]
+    assert grafted == ["a.3", "a.2"]
+
+
+def test_lifecycle_advances_on_evidence():
+    policy = HeuristicPolicy(TamiyoConfig(min_training_epochs=3, probation_epochs=1))
+    seeds = [
+        on_trial("s.0", SeedState.GERMINATED, epochs=0),
+        on_trial("s.1", SeedState.TRAINING, epochs=2),
+        on_trial("s.2", SeedState.TRAINING, epochs=3),
+        on_trial("s.3", SeedState.BLENDING, epochs=1, alpha=0.67),
+        on_trial("s.4", SeedState.BLENDING, epochs=2, alpha=1.0),
+    ]
+    moves = {d.seed_id: d.to_state for d in policy.decide(observe(seeds, plateau=0))}
+    assert moves == {
+        "s.0": SeedState.TRAINING,
+        "s.2": SeedState.BLENDING,
+        "s.4": SeedState.PROBATIONARY,
+    }
+
+
+@pytest.mark.parametrize(
+    ("ablated", "expected"),
+    [
+        (EvalMetrics(loss=1.0, accuracy=0.6), SeedState.FOSSILIZED),  # seed helps
+        (EvalMetrics(loss=0.8, accuracy=0.75), SeedState.CULLED),  # seed hurts
+        (EvalMetrics(loss=0.9, accuracy=0.7), SeedState.CULLED),  # seed does nothing
+    ],
+)
+def test_probation_judged_on_counterfactual(ablated, expected):
+    policy = HeuristicPolicy(TamiyoConfig())
+    seeds = [on_trial("s.0", SeedState.PROBATIONARY, epochs=1, alpha=1.0)]
+    obs = observe(seeds, plateau=0, acc=0.7, loss=0.9, counterfactual={"s.0": ablated})
+    (decision,) = policy.decide(obs)
+    assert decision.to_state is expected
+    assert decision.evidence["gain_accuracy"] == pytest.approx(0.7 - ablated.accuracy)
+    assert decision.evidence["gain_loss"] == pytest.approx(ablated.loss - 0.9)
+
+
+def test_probation_waits_for_evidence_and_implicated_seed_is_culled():
+    policy = HeuristicPolicy(TamiyoConfig())
+    waiting = [on_trial("s.0", SeedState.PROBATIONARY, epochs=3, alpha=1.0)]
+    assert policy.decide(observe(waiting, plateau=0)) == []
+    implicated = [on_trial("s.0", SeedState.TRAINING, epochs=0, implicated=True)]
+    (decision,) = policy.decide(observe(implicated, plateau=0))
+    assert decision.to_state is SeedState.CULLED and "incident" in decision.reason
+
+
+def test_culling_frees_a_slot_for_growth_in_the_same_epoch():
+    policy = HeuristicPolicy(TamiyoConfig(max_active_seeds=1))
+    seeds = [
+        on_trial("s.0", SeedState.PROBATIONARY, epochs=1, alpha=1.0),
+        dormant("s.1", telemetry("s.1")),
+    ]
+    cf = {"s.0": EvalMetrics(loss=0.5, accuracy=0.9)}
+    decisions = policy.decide(observe(seeds, counterfactual=cf))
+    assert [(d.seed_id, d.to_state) for d in decisions] == [
+        ("s.0", SeedState.CULLED),
+        ("s.1", SeedState.GERMINATED),
+        ("s.1", SeedState.TRAINING),
+    ]
+
+
+def test_unknown_policy_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"tamiyo\.policy"):
+        make_policy(TamiyoConfig(policy="oracle"))
