@@ -199,8 +199,13 @@ class TamiyoController:
         if key not in self._costs:
             blueprint = get_blueprint(name)
             kwargs = self.config.blueprint_kwargs.get(name, {})
-            fits = blueprint.supports(chunk_shape)
-            self._costs[key] = blueprint.param_cost(chunk_shape, **kwargs) if fits else None
+            try:
+                fits = blueprint.supports(chunk_shape)
+                self._costs[key] = blueprint.param_cost(chunk_shape, **kwargs) if fits else None
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(
+                    f"tamiyo.blueprint_kwargs.{name}: {kwargs!r} do not fit {name!r} ({exc})"
+                ) from None
         return self._costs[key]
 
     def _apply(self, decision: Decision, observation: Observation) -> Adaptation | None:
@@ -283,7 +288,7 @@ class TamiyoController:
         self._emit(
             "incident",
             epoch=emergency.epoch,
-            kind=emergency.kind,
+            emergency=emergency.kind,
             key=emergency.key,
             reason=emergency.reason,
             count=count,
