@@ -91,6 +91,9 @@ class KasminaConfig(Section):
     #: Each instrumented output is split into this many chunks along dim 1, one seed each.
     chunks: int = Field(4, ge=1)
     telemetry: bool = True
+    #: Telemetry samples every N-th training batch of an epoch (the first always): the
+    #: epoch's statistics are estimated from those batches.  1 measures every batch.
+    telemetry_interval: int = Field(8, ge=1)
     #: A magnitude at or above this counts as saturated in telemetry.
     saturation_threshold: float = Field(3.0, gt=0.0)
     blend_epochs: int = Field(3, ge=1)

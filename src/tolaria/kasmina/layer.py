@@ -5,12 +5,14 @@ shape ``[batch, channels, *spatial]``.  Dim 1 is split into ``chunks`` slices wi
 ``torch.tensor_split`` semantics (the first ``channels % chunks`` slices one wider), one
 ``KasminaSeed`` each.
 
-Telemetry, in training mode only, accumulates per chunk on ``h``'s device with no host
-sync: the sums of ``h`` and ``h**2``, the count of non-zeros and of ``|h| >= threshold``
-(per channel, then folded into chunks by one matmul with a ``[channels, chunks]``
-membership matrix), and per batch ``||dL/dh_chunk||^2`` from a tensor hook.  Per-batch
-sums are float32, the epoch accumulators float64 so element counts stay exact.
-``flush_telemetry`` reads everything with one transfer and resets.
+Telemetry runs in training mode only, on every ``telemetry_interval``-th batch of an
+epoch (the statistics are epoch estimates; sampling keeps dormant seeds nearly free).  It
+accumulates per chunk on ``h``'s device with no host sync: the sums of ``h`` and ``h**2``,
+the count of non-zeros and of ``|h| >= threshold`` (per channel, then folded into chunks by
+one matmul with a ``[channels, chunks]`` membership matrix), and per batch
+``||dL/dh_chunk||^2`` from a tensor hook.  Per-batch sums are float32, the epoch
+accumulators float64 so element counts stay exact.  ``flush_telemetry`` reads everything
+with one transfer and resets.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import itertools
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +43,12 @@ class KasminaLayer(nn.Module):
         self.module_fqn = module_fqn
         self.telemetry = config.telemetry
         self.saturation_threshold = config.saturation_threshold
+        self.interval = config.telemetry_interval
+        #: Per float dtype, the largest value below the threshold (see ``_observe``).
+        self._below_threshold = {
+            dtype: float(np.nextafter(np_type(config.saturation_threshold), np_type(0)))
+            for dtype, np_type in ((torch.float32, np.float32), (torch.float64, np.float64))
+        }
         #: Set while counterfactual evaluation runs, so it never counts as training telemetry.
         self.paused = False
         self.seeds = nn.ModuleList(
@@ -60,6 +69,7 @@ class KasminaLayer(nn.Module):
         self._samples = 0
         self._positions = 0
         self._grad_batches = 0
+        self._batches = 0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.channels is None:
@@ -149,22 +159,34 @@ class KasminaLayer(nn.Module):
             self._membership_t = self._membership.t().contiguous()
         self._activation_sums = torch.zeros(4, k, dtype=torch.float64, device=device)
         self._grad_sq_sums = torch.zeros(k, dtype=torch.float64, device=device)
-        self._samples = self._positions = self._grad_batches = 0
+        self._samples = self._positions = self._grad_batches = self._batches = 0
 
     def _observe(self, h: torch.Tensor) -> None:
+        """Accumulate one training batch's statistics, if this batch is sampled.
+
+        Only float ops on ``h`` (bool comparisons and ``count_nonzero`` are several times
+        slower on CPU): non-zeros are ``sum |sign(h)|``; ``|h| >= t`` is
+        ``sign(max(|h| - t_below, 0))`` with ``t_below`` the largest float of ``h``'s dtype
+        under ``t``, exact because no value of that dtype lies strictly between the two.
+        """
+        sampled = self._batches % self.interval == 0
+        self._batches += 1
+        if not sampled:
+            return
         if h.device != self._membership.device:  # the model moved: start this epoch afresh
             self._reset_telemetry(h.device)
         x = h.detach()
-        if x.dtype not in (torch.float32, torch.float64):
+        if x.dtype not in self._below_threshold:
             x = x.float()
         dims = self._reduce_dims
-        sum_sq = torch.linalg.vecdot(x, x, dim=0) if x.dim() == 2 else x.square().sum(dims)
+        magnitude = x.abs()
+        saturated = magnitude.sub_(self._below_threshold[x.dtype]).clamp_min_(0).sign_()
         per_channel = torch.stack(
             (
                 x.sum(dims),
-                sum_sq,
-                torch.count_nonzero(x, dims),
-                torch.count_nonzero(x.abs() >= self.saturation_threshold, dims),
+                x.square().sum(dims),
+                x.sign().abs_().sum(dims),
+                saturated.sum(dims),
             )
         )
         self._activation_sums.addmm_(per_channel.double(), self._membership)
@@ -174,11 +196,9 @@ class KasminaLayer(nn.Module):
             h.register_hook(self._observe_grad)
 
     def _observe_grad(self, g: torch.Tensor) -> None:
-        if g.dtype not in (torch.float32, torch.float64):
+        if g.dtype not in self._below_threshold:
             g = g.float()
-        dims = self._reduce_dims
-        sum_sq = torch.linalg.vecdot(g, g, dim=0) if g.dim() == 2 else g.square().sum(dims)
-        self._grad_sq_sums.addmv_(self._membership_t, sum_sq.double())
+        self._grad_sq_sums.addmv_(self._membership_t, g.square().sum(self._reduce_dims).double())
         self._grad_batches += 1
 
 
