@@ -30,6 +30,7 @@ from torch import nn
 
 from tolaria.config import OptimizerConfig, SchedulerConfig
 from tolaria.errors import ConfigError, OptimizerManifestError
+from tolaria.kasmina import seed_parameter_names
 from tolaria.schedules import SeedWarmup, build_scheduler, is_plateau
 
 HOST_ROLE = "host"
@@ -43,14 +44,6 @@ STATE_FORMAT = 1
 TrialParameters = Callable[[nn.Module], set[str]]
 #: role -> {FQN: parameter}, in the model's parameter order.
 Scan = dict[str, dict[str, nn.Parameter]]
-
-
-def _kasmina_trial_parameters(model: nn.Module) -> set[str]:
-    # Imported on first use: the manager works with any trial-parameter source, and
-    # optim must stay importable while kasmina is being built on top of the same config.
-    from tolaria.kasmina import seed_parameter_names
-
-    return seed_parameter_names(model)
 
 
 def resolve_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -86,7 +79,7 @@ class DynamicOptimizerManager:
         self.model = model
         self.config = optimizer_config
         self.scheduler_config = scheduler_config or SchedulerConfig()
-        self._trial_parameters = trial_parameters or _kasmina_trial_parameters
+        self._trial_parameters = trial_parameters or seed_parameter_names
         self._optimizer_class = resolve_optimizer_class(optimizer_config.name)
         reserved = {"params", "lr"} & optimizer_config.kwargs.keys()
         if reserved:
