@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from tolaria.contracts import SeedState
-from tolaria.errors import CheckpointError
+from tolaria.errors import BlueprintError, CheckpointError
 from tolaria.kasmina.layer import KasminaLayer, find_seeds
 from tolaria.kasmina.seed import KasminaSeed
 
@@ -49,8 +49,8 @@ def replay_structure(model: nn.Module, structure: dict[str, Any]) -> None:
     """Make every seed of ``model`` match ``structure``, mutating the seeds in place.
 
     All blueprints are built before any seed changes, so a structure that does not fit
-    (other seed ids, other chunk shapes, a blueprint that fails) raises and leaves the
-    model as it was.
+    (other seed ids, other chunk shapes, a blueprint that fails) raises ``CheckpointError``
+    and leaves the model as it was.
     """
     try:
         if structure["version"] != STRUCTURE_VERSION:
@@ -69,6 +69,8 @@ def replay_structure(model: nn.Module, structure: dict[str, Any]) -> None:
         plans = [_plan(seeds[seed_id], record) for seed_id, record in records.items()]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"structure manifest is malformed: {exc!r}") from None
+    except BlueprintError as exc:
+        raise CheckpointError(f"structure manifest cannot be replayed: {exc}") from None
     for seed, record, blueprint in plans:
         seed.restore(record, blueprint)
 
