@@ -64,15 +64,18 @@ class OptimizerConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     #: Seed parameters on trial train at ``lr * seed_lr_multiplier``.
     seed_lr_multiplier: float = Field(1.0, gt=0.0)
-    #: Optimizer steps over which a new seed's learning rate ramps up from zero.
+    #: Optimizer steps over which a new seed's learning rate ramps up from zero; a seed
+    #: joining mid-ramp restarts it for the whole seed group (``tolaria.schedules``).
     seed_warmup_steps: int = Field(0, ge=0)
 
 
 class SchedulerConfig(Section):
-    #: A ``torch.optim.lr_scheduler`` class name, or null for a constant LR.
+    #: A ``torch.optim.lr_scheduler`` class name, or null for a constant LR.  Left-out
+    #: ``T_max`` (CosineAnnealingLR) and ``total_steps`` (OneCycleLR) come from the run.
     name: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    #: Step the scheduler after every optimizer step or once per epoch.
+    #: Step the scheduler after every optimizer step or once per epoch
+    #: (ReduceLROnPlateau always steps once per epoch, on the validation loss).
     interval: Literal["epoch", "step"] = "epoch"
 
 
