@@ -1,0 +1,59 @@
+"""The initialization sequence of design §5, in its strict order.
+
+1. configuration (given)            2. host model with Kasmina seeds injected
+3. TamiyoController, every seed registered      4. TolariaTrainer     5. ``train()`` (caller)
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tolaria.config import TolariaConfig
+from tolaria.data import DataBundle, load_data
+from tolaria.hosts import build_host, count_parameters
+from tolaria.kasmina import find_seeds, inject_seeds
+from tolaria.progress import ProgressReporter
+from tolaria.rundir import RunDirectory
+from tolaria.tamiyo import TamiyoController
+from tolaria.trainer import TolariaTrainer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_trainer(
+    config: TolariaConfig,
+    *,
+    run_dir: RunDirectory | Path | None = None,
+    model: nn.Module | None = None,
+    data: DataBundle | None = None,
+    progress: ProgressReporter | None = None,
+) -> TolariaTrainer:
+    """Assemble a ready-to-train system; pass your own ``model``/``data`` to bypass the config's."""
+    if isinstance(run_dir, Path | str):
+        run_dir = RunDirectory.create(Path(run_dir), config)
+    seed_everything(config.run.seed)
+    data = data if data is not None else load_data(config.data, config.run.seed)
+    if model is None:
+        model = build_host(config.model, data.input_shape, data.num_classes)
+    host_parameters = count_parameters(model)
+    if config.kasmina.layers:
+        inject_seeds(model, config.kasmina)
+    tamiyo = TamiyoController(
+        config.tamiyo,
+        config.kasmina,
+        num_classes=data.num_classes,
+        host_parameters=host_parameters,
+        event_sink=run_dir.log_event if run_dir is not None else None,
+    )
+    for seed in find_seeds(model):
+        tamiyo.register_seed(seed)
+    return TolariaTrainer(model, tamiyo, config, data=data, run_dir=run_dir, progress=progress)

@@ -1,0 +1,108 @@
+"""The `tolaria` command: parse, build, call.  Errors print one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tolaria.config import load_config
+from tolaria.errors import TolariaError
+from tolaria.progress import NullProgress, RichProgress
+from tolaria.rundir import RunDirectory
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tolaria", description="Train neural networks that grow while they train."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def config_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--config", type=Path, help="YAML config (default: built-in)")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. --set run.epochs=5 (repeatable)",
+        )
+
+    train = commands.add_parser("train", help="train a model from a config")
+    config_options(train)
+    train.add_argument(
+        "--run-dir", type=Path, help="where to write the run (default: runs/NAME-TIME)"
+    )
+
+    resume = commands.add_parser("resume", help="continue a killed run from its last checkpoint")
+    resume.add_argument("run_dir", type=Path)
+
+    show = commands.add_parser("config", help="print the resolved config as YAML")
+    config_options(show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        if args.command == "config":
+            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            return 0
+        if args.command == "train":
+            return _train(args, console)
+        return _resume(args, console)
+    except TolariaError as exc:
+        console.print(f"[bold red]tolaria: error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("interrupted; continue with `tolaria resume RUN_DIR`")
+        return 130
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    from tolaria.build import build_trainer  # heavy imports only once the config is valid
+
+    config = load_config(args.config, args.overrides)
+    run_dir = RunDirectory.create(args.run_dir or RunDirectory.default_path(config), config)
+    console.print(f"run directory: [bold]{run_dir.path}[/]")
+    trainer = build_trainer(config, run_dir=run_dir, progress=_progress(config, console))
+    _print_summary(trainer.train(), run_dir.path)
+    return 0
+
+
+def _resume(args: argparse.Namespace, console: Console) -> int:
+    from tolaria.build import build_trainer
+
+    run_dir, config_file = RunDirectory.open_existing(args.run_dir)
+    config = load_config(config_file)
+    trainer = build_trainer(config, run_dir=run_dir, progress=_progress(config, console))
+    epoch = trainer.resume(
+        on_skip=lambda path, reason: console.print(f"[yellow]skipping checkpoint {path}: {reason}")
+    )
+    console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
+    _print_summary(trainer.train(), run_dir.path)
+    return 0
+
+
+def _progress(config, console: Console):
+    return RichProgress(console) if config.run.progress else NullProgress()
+
+
+def _print_summary(summary: dict, path: Path) -> None:
+    table = Table(title=f"Tolaria run summary ({path})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        table.add_row(key, str(value))
+    Console().print(table)  # the result goes to stdout, progress to stderr
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny in-memory data so trainer tests take seconds, not minutes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from tolaria.config import TolariaConfig
+from tolaria.data import DataBundle
+
+
+def make_blobs(n: int, features: int, classes: int, seed: int) -> TensorDataset:
+    """Gaussian blobs around fixed centres (shared by every split): learnable in a few epochs."""
+    centers = torch.randn(classes, features, generator=torch.Generator().manual_seed(0)) * 3
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centers[y] + torch.randn(n, features, generator=g)
+    return TensorDataset(x, y)
+
+
+@pytest.fixture
+def tiny_data() -> DataBundle:
+    return DataBundle(
+        name="blobs",
+        train=make_blobs(256, 12, 4, seed=1),
+        val=make_blobs(128, 12, 4, seed=2),
+        test=make_blobs(128, 12, 4, seed=3),
+        input_shape=(12,),
+        num_classes=4,
+    )
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> TolariaConfig:
+    config = TolariaConfig()
+    config.run.epochs = 4
+    config.run.device = "cpu"
+    config.run.progress = False
+    config.run.tensorboard = False
+    config.data.batch_size = 32
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.model.kwargs = {"hidden": [16, 16]}
+    config.optimizer.lr = 1e-2
+    config.checkpoint.every_epochs = 2
+    return config
