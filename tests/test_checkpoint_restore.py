@@ -18,7 +18,7 @@ from torch import nn
 from tolaria.checkpoint import CheckpointStore, capture_snapshot, restore_snapshot
 from tolaria.config import KasminaConfig, OptimizerConfig, SchedulerConfig, TamiyoConfig
 from tolaria.contracts import HardwareContext, SeedState, SystemStatePacket
-from tolaria.errors import CheckpointError
+from tolaria.errors import CheckpointError, OptimizerManifestError
 from tolaria.kasmina import export_structure, find_seeds, inject_seeds
 from tolaria.optim import DynamicOptimizerManager
 from tolaria.tamiyo import TamiyoController
@@ -197,3 +197,15 @@ def test_snapshot_of_another_host_is_refused_with_a_checkpoint_error():
     other = System(hidden=24)
     with pytest.raises(CheckpointError):
         other.restore(snapshot)
+
+
+def test_capture_refuses_an_optimizer_that_missed_a_graft():
+    system = grown_system()
+    system.seeds["3.1"].germinate("residual_mlp", epoch=2, hidden=4)  # no rebuild yet
+    with pytest.raises(OptimizerManifestError, match=r"3\.kasmina\.seeds\.1\.blueprint"):
+        system.capture(epoch=2)
+    system.manager.rebuild_optimizer()
+    snapshot = system.capture(epoch=2)
+    system.train(1)
+    system.restore(snapshot)
+    assert_tensors_equal(system.weights(), snapshot.model)

@@ -79,7 +79,13 @@ def capture_snapshot(
     global_step: int,
     extra: dict,
 ) -> Snapshot:
-    """Copy the live system into a :class:`Snapshot` that later training cannot alter."""
+    """Copy the live system into a :class:`Snapshot` that later training cannot alter.
+
+    The optimizer must already match the model (rebuilt after any graft, cull or
+    fossilization): a snapshot without optimizer state for a trainable parameter could
+    never be restored, so that is an ``OptimizerManifestError`` now rather than later.
+    """
+    optimizer_manager.check_manifest()
     return Snapshot(
         epoch=epoch,
         global_step=global_step,

@@ -1,0 +1,161 @@
+"""End to end: `kill -9` then `tolaria resume`, and an injected NaN rolled back in a real run.
+
+Both runs use an aggressive controller so the structure grows, blends, fossilizes and culls
+within a few epochs: a restore that got structure, optimizer, scheduler, controller or RNG
+wrong would show in the per-epoch metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tolaria.build import build_trainer
+from tolaria.contracts import SeedState
+from tolaria.kasmina import export_structure
+
+GROWTH = [
+    "tamiyo.plateau_patience=1",
+    "tamiyo.plateau_min_delta=10",  # every epoch is a plateau: graft as soon as allowed
+    "tamiyo.min_training_epochs=1",
+    "kasmina.blend_epochs=1",
+]
+CLI_SETTINGS = [
+    "data.dataset=digits",
+    "data.batch_size=16",
+    "run.epochs=8",
+    "run.device=cpu",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "checkpoint.every_epochs=2",
+    "scheduler.name=StepLR",
+    "scheduler.kwargs.step_size=3",
+    *GROWTH,
+]
+
+
+def _tolaria(*args: str | Path, cache: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tolaria.cli", *map(str, args)]
+    if args[0] == "train":
+        command += [f"--set={s}" for s in [*CLI_SETTINGS, f"data.cache_dir={cache}"]]
+    # One intra-op thread: identical arithmetic in every process, and no thread
+    # oversubscription when the test runner shares the machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cache = tmp_path / "cache"
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference = _tolaria("train", "--run-dir", reference_dir, cache=cache)
+    victim = _tolaria("train", "--run-dir", killed_dir, cache=cache)
+
+    metrics = killed_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    # Epochs 0-4 logged: the newest durable checkpoint is epoch 3, epoch 5 is under way.
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert victim.poll() is None, victim.stdout.read()
+        assert time.monotonic() < deadline, "the run never reached epoch 5"
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    logged = _records(killed_dir)
+    assert 5 <= len(logged) < 8
+    assert not (killed_dir / "summary.json").exists()
+
+    resumed = _tolaria("resume", killed_dir, cache=cache)
+    resumed_output, _ = resumed.communicate(timeout=180)
+    reference_output, _ = reference.communicate(timeout=180)
+    assert reference.returncode == 0, reference_output
+    assert resumed.returncode == 0, resumed_output
+    assert "resuming" in resumed_output
+
+    expected = _records(reference_dir)
+    assert len(expected) == 8
+    assert _records(killed_dir) == expected  # every epoch, bit for bit
+    assert expected[-1]["params"] > expected[0]["params"]  # the run did grow
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (reference_dir, killed_dir)]
+    for summary in summaries:
+        summary.pop("wall_time_s")
+    assert summaries[0] == summaries[1]
+    events = [json.loads(line) for line in (killed_dir / "events.jsonl").read_text().splitlines()]
+    resume_events = [e for e in events if e["event"] == "resume"]
+    assert [e["checkpoint_epoch"] for e in resume_events] == [3]
+
+
+def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
+    tiny_config, tiny_data, tmp_path
+):
+    tiny_config.run.epochs = 6
+    tiny_config.checkpoint.every_epochs = 0
+    for setting in GROWTH:
+        key, value = setting.split("=")
+        section, field = key.split(".")
+        setattr(getattr(tiny_config, section), field, float(value) if "." in value else int(value))
+    trainer = build_trainer(tiny_config, data=tiny_data, run_dir=tmp_path / "run")
+
+    poison_epoch = 4
+    poisoned = []
+
+    def poison(module, args):  # the first training batch of ``poison_epoch`` turns to NaN
+        if module.training and trainer.current_epoch == poison_epoch and not poisoned:
+            poisoned.append(trainer.global_step)
+            return (args[0] * math.nan,)
+        return None
+
+    trainer.model.register_forward_pre_hook(poison)
+    rollbacks = []
+    original = trainer.restore_from_checkpoint
+
+    def observed_rollback(reason):
+        snapshot = trainer.snapshots.newest_before(trainer.current_epoch)
+        original(reason)
+        rollbacks.append({
+            "snapshot": snapshot,
+            "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+            "structure": export_structure(trainer.model),
+            "global_step": trainer.global_step,
+        })
+
+    trainer.restore_from_checkpoint = observed_rollback
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocess test: no oversubscription on 2 cores
+    try:
+        summary = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+
+    assert len(poisoned) == 1 and len(rollbacks) == 1
+    rollback = rollbacks[0]
+    snapshot = rollback["snapshot"]
+    assert snapshot.epoch == poison_epoch - 1
+    assert rollback["global_step"] == snapshot.global_step
+    assert rollback["weights"].keys() == snapshot.model.keys()
+    for name, tensor in rollback["weights"].items():
+        assert torch.equal(tensor, snapshot.model[name]), name
+    assert rollback["structure"] == snapshot.structure
+    grown = [s for s in snapshot.structure["seeds"] if s["state"] != SeedState.DORMANT.value]
+    assert grown, "the run should have grown before the incident"
+    assert any(".blueprint." in name for name in snapshot.model)  # grafted weights restored
+
+    assert summary["status"] == "completed" and summary["rollbacks"] == 1
+    assert summary["epochs"] == tiny_config.run.epochs
+    assert math.isfinite(summary["final_val_loss"])
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text()
+              .splitlines()]
+    assert [e["restored_epoch"] for e in events if e["event"] == "rollback"] == [poison_epoch - 1]
