@@ -58,6 +58,8 @@ class KasminaLayer(nn.Module):
             # A plain attribute, not a submodule: the tree stays a tree, and deepcopy's memo
             # points the copy's seeds at the copied layer.
             object.__setattr__(seed, "_layer", self)
+        #: Whether any seed holds a blueprint; kept by the seeds, read on every forward.
+        self.grafted = False
         self.channels: int | None = None
         self._widths: list[int] = []
         self._split_points: tuple[int, ...] = ()
@@ -76,9 +78,9 @@ class KasminaLayer(nn.Module):
             self._bind(h)
         if self.training and self.telemetry and not self.paused:
             self._observe(h)
-        seeds = self.seeds
-        if all(seed.blueprint is None for seed in seeds):
+        if not self.grafted:
             return h
+        seeds = self.seeds
         chunks = torch.tensor_split(h, self._split_points, dim=1)
         return torch.cat(
             [
@@ -87,6 +89,9 @@ class KasminaLayer(nn.Module):
             ],
             dim=1,
         )
+
+    def refresh_grafted(self) -> None:
+        self.grafted = any(seed.blueprint is not None for seed in self.seeds)
 
     def flush_telemetry(self, epoch: int) -> list[SeedTelemetry]:
         """This epoch's record for each seed, in chunk order (one device read); then reset.

@@ -107,7 +107,7 @@ class KasminaSeed(nn.Module):
         does not support the chunk, fails to build, or its output shape differs.
         """
         self._check_legal(SeedState.GERMINATED)
-        self.blueprint = self.build_blueprint(blueprint, kwargs)
+        self._hold(self.build_blueprint(blueprint, kwargs))
         self.blueprint_name, self.blueprint_kwargs = blueprint, dict(kwargs)
         self._enter(SeedState.GERMINATED, epoch, reason)
 
@@ -188,7 +188,7 @@ class KasminaSeed(nn.Module):
 
     def restore(self, record: dict[str, Any], blueprint: nn.Module | None) -> None:
         """Set every structural field from an ``export_structure`` record (no transition)."""
-        self.blueprint = blueprint
+        self._hold(blueprint)
         self.state = SeedState(record["state"])
         self.alpha = float(record["alpha"])
         self.blueprint_name = record["blueprint"]
@@ -196,6 +196,13 @@ class KasminaSeed(nn.Module):
         self.epochs_in_state = int(record["epochs_in_state"])
         self.clock = int(record["clock"])
         self.history = [TransitionRecord.from_dict(r) for r in record["history"]]
+
+    def _hold(self, blueprint: nn.Module | None) -> None:
+        """Every change of ``blueprint`` goes through here so the layer's fast path knows."""
+        self.blueprint = blueprint
+        layer = self.__dict__.get("_layer")
+        if layer is not None:
+            layer.refresh_grafted()
 
     def _check_legal(self, to: SeedState) -> None:
         if to not in LEGAL_TRANSITIONS[self.state]:
@@ -209,7 +216,8 @@ class KasminaSeed(nn.Module):
         self.history.append(TransitionRecord(epoch, self.state, to, reason, self.blueprint_name))
         self.state, self.epochs_in_state, self.clock = to, 0, epoch
         if to is SeedState.CULLED:
-            self.blueprint, self.blueprint_name, self.blueprint_kwargs = None, None, {}
+            self._hold(None)
+            self.blueprint_name, self.blueprint_kwargs = None, {}
         if to is SeedState.BLENDING:
             self.alpha = self._blend_alpha()
         elif to in (SeedState.PROBATIONARY, SeedState.FOSSILIZED):
