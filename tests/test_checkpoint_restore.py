@@ -209,3 +209,31 @@ def test_capture_refuses_an_optimizer_that_missed_a_graft():
     system.train(1)
     system.restore(snapshot)
     assert_tensors_equal(system.weights(), snapshot.model)
+
+
+def test_capture_into_a_recycled_snapshot_reuses_its_buffers_and_equals_a_fresh_capture():
+    system = grown_system()
+    old = system.capture(epoch=1)
+    system.train(2)
+    system.seeds["3.1"].germinate("residual_mlp", epoch=2, hidden=4)  # new tensors too
+    system.manager.rebuild_optimizer()
+    old_pointers = {name: t.data_ptr() for name, t in old.model.items()}
+    fresh = system.capture(epoch=2)
+    recycled = capture_snapshot(
+        system.model, system.manager, system.tamiyo, epoch=2, global_step=21,
+        extra={"current_epoch": 3}, reuse=old,
+    )
+    assert_tensors_equal(recycled.model, fresh.model)
+    assert_tensors_equal(optimizer_tensors_of(recycled), optimizer_tensors_of(fresh))
+    assert recycled.structure == fresh.structure and recycled.tamiyo == fresh.tamiyo
+    reused = [n for n in recycled.model if recycled.model[n].data_ptr() == old_pointers.get(n)]
+    assert set(reused) == set(old.model)  # every surviving name kept its buffer
+    assert any(".seeds.1.blueprint" in n for n in set(recycled.model) - set(reused))
+    system.train(1)
+    system.restore(recycled)
+    assert_tensors_equal(system.weights(), fresh.model)
+
+
+def optimizer_tensors_of(snapshot) -> dict[str, torch.Tensor]:
+    state = snapshot.optimizer["state"]
+    return {f"{p}/{k}": v for p, s in state.items() for k, v in s.items()}

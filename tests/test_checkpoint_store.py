@@ -264,3 +264,15 @@ def test_rng_state_restores_every_generator(tmp_path, through_disk):
     _draws()  # move every generator on
     restore_rng_state(snapshot.rng)
     assert _draws() == expected
+
+
+def test_ring_hands_out_only_the_oldest_of_a_full_ring():
+    single = SnapshotRing(1)
+    single.push(make_snapshot(0))
+    assert single.recyclable() is None  # never the only rollback target
+    ring = SnapshotRing(2)
+    ring.push(make_snapshot(0))
+    assert ring.recyclable() is None  # not full: nothing would be evicted
+    ring.push(make_snapshot(1))
+    assert ring.recyclable().epoch == 0
+    assert len(ring) == 1 and ring.newest_before(2).epoch == 1

@@ -20,6 +20,7 @@ then the optimizer is rebuilt over the restored parameters and its state loaded 
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 import re
 import shutil
@@ -78,22 +79,27 @@ def capture_snapshot(
     epoch: int,
     global_step: int,
     extra: dict,
+    reuse: Snapshot | None = None,
 ) -> Snapshot:
     """Copy the live system into a :class:`Snapshot` that later training cannot alter.
 
     The optimizer must already match the model (rebuilt after any graft, cull or
     fossilization): a snapshot without optimizer state for a trainable parameter could
     never be restored, so that is an ``OptimizerManifestError`` now rather than later.
+
+    ``reuse`` is a snapshot nobody needs any more (see :meth:`SnapshotRing.recyclable`):
+    its tensors are overwritten in place wherever name, shape and dtype still match, which
+    spares the allocation and page faults of fresh buffers -- most of a capture's cost.
     """
     optimizer_manager.check_manifest()
     return Snapshot(
         epoch=epoch,
         global_step=global_step,
         structure=_private_copy(export_structure(model)),
-        model={name: _cpu_copy(t) for name, t in model.state_dict().items()},
-        optimizer=_private_copy(optimizer_manager.state_dict()),
+        model=_private_copy(model.state_dict(), getattr(reuse, "model", None)),
+        optimizer=_private_copy(optimizer_manager.state_dict(), getattr(reuse, "optimizer", None)),
         tamiyo=_private_copy(tamiyo.save_state_dict()),
-        rng=capture_rng_state(),
+        rng=_private_copy(capture_rng_state(), getattr(reuse, "rng", None)),
         extra=_private_copy(extra),
     )
 
@@ -118,10 +124,10 @@ def restore_snapshot(
     try:
         model.load_state_dict(snapshot.model, strict=True)
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()
+        lines = str(exc).strip().splitlines()
         raise CheckpointError(
             f"snapshot of epoch {snapshot.epoch} does not fit the model: "
-            + " ".join(line.strip() for line in first_line[:3])
+            + " ".join(line.strip() for line in lines[:3])
         ) from None
     optimizer_manager.rebuild_optimizer()
     optimizer_manager.load_state_dict(snapshot.optimizer)
@@ -130,21 +136,22 @@ def restore_snapshot(
         restore_rng_state(snapshot.rng)
 
 
-def _cpu_copy(tensor: Tensor) -> Tensor:
-    """A contiguous CPU copy sharing storage with nothing (safetensors needs both)."""
-    return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-
-
-def _private_copy(tree: Any) -> Any:
-    """Deep copy of nested containers with every tensor copied to CPU by :func:`_cpu_copy`."""
+def _private_copy(tree: Any, reuse: Any = None) -> Any:
+    """Deep copy of nested containers; every tensor becomes a contiguous CPU copy sharing
+    storage with nothing (safetensors needs both).  A tensor at the same place in ``reuse``
+    with the same shape and dtype receives the copy instead of a new buffer."""
     if isinstance(tree, Tensor):
-        return _cpu_copy(tree)
+        source = tree.detach()
+        if isinstance(reuse, Tensor) and (reuse.shape, reuse.dtype) == (source.shape, source.dtype):
+            return reuse.copy_(source)
+        return source.to("cpu", copy=True, memory_format=torch.contiguous_format)
     if isinstance(tree, dict):
-        return {k: _private_copy(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_private_copy(v) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(_private_copy(v) for v in tree)
+        pool = reuse if isinstance(reuse, dict) else {}
+        return {k: _private_copy(v, pool.get(k)) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        pool = reuse if isinstance(reuse, list | tuple) and len(reuse) == len(tree) else ()
+        items = [_private_copy(v, r) for v, r in itertools.zip_longest(tree, pool)]
+        return items if isinstance(tree, list) else tuple(items)
     return copy.deepcopy(tree)
 
 
@@ -201,6 +208,17 @@ class SnapshotRing:
         while self._snapshots and self._snapshots[-1].epoch >= snapshot.epoch:
             self._snapshots.pop()
         self._snapshots.append(snapshot)
+
+    def recyclable(self) -> Snapshot | None:
+        """Take out the snapshot the next push would evict, for ``capture_snapshot(reuse=)``.
+
+        Only from a full ring of two or more: the newest snapshot is never handed out, so a
+        rollback target survives even a capture that fails half-way.
+        """
+        full = len(self._snapshots) == self._snapshots.maxlen
+        if full and len(self._snapshots) >= 2:
+            return self._snapshots.popleft()
+        return None
 
     def newest_before(self, epoch: int) -> Snapshot | None:
         """The newest snapshot that captures an epoch earlier than ``epoch``, if any."""
