@@ -10,6 +10,7 @@ from torch import nn
 
 from kasmina_hosts import TinyConv, TinyMLP
 from tolaria.config import KasminaConfig
+from tolaria.contracts import SeedState
 from tolaria.errors import ConfigError
 from tolaria.kasmina import KasminaLayer, collect_telemetry, find_seeds, inject_seeds
 
@@ -135,3 +136,17 @@ def test_telemetry_interval_samples_every_nth_batch_and_can_be_off():
     [layer] = inject_seeds(quiet, KasminaConfig(layers=["hidden.1"], telemetry=False))
     quiet(torch.randn(3, 6))
     assert layer.flush_telemetry(0) == [] and isinstance(layer, KasminaLayer)
+
+
+def test_a_first_forward_under_inference_mode_does_not_poison_training():
+    model = TinyMLP()
+    inject_seeds(model, KasminaConfig(layers=["hidden.*"], chunks=2, telemetry_interval=1))
+    model.eval()
+    with torch.inference_mode():
+        model(torch.randn(2, 6))  # e.g. a baseline validation before the first epoch
+        find_seeds(model)[0].germinate("residual_mlp", epoch=0)
+    model.train()
+    find_seeds(model)[0].transition(SeedState.TRAINING, epoch=0, reason="")
+    model(torch.randn(3, 6)).sum().backward()
+    assert model.hidden[0].kasmina.flush_telemetry(0)[0].samples == 3
+    assert all(p.grad is not None for p in find_seeds(model)[0].parameters())

@@ -155,6 +155,9 @@ class KasminaLayer(nn.Module):
         self._reduce_dims = (0, *range(2, h.dim()))
         self._reset_telemetry(h.device)
 
+    # The first forward may be a validation pass: accumulators made there would be
+    # inference tensors that training could never update in place.
+    @torch.inference_mode(False)
     def _reset_telemetry(self, device: torch.device) -> None:
         k = len(self.seeds)
         if self._membership.device != device or self._membership.numel() == 0:

@@ -156,6 +156,7 @@ class KasminaSeed(nn.Module):
 
     # -- internals shared with structure replay ---------------------------------------
 
+    @torch.inference_mode(False)  # parameters made under inference mode could never train
     def build_blueprint(self, name: str, kwargs: dict[str, Any]) -> nn.Module:
         """Build ``name`` for this chunk on the host's device/dtype and check its output shape."""
         where = f"seed {self.seed_id}: blueprint {name!r}"
