@@ -9,6 +9,9 @@ from torch.utils.data import TensorDataset
 from tolaria.config import TolariaConfig
 from tolaria.data import DataBundle
 
+# The test models are tiny: one thread is fastest, and immune to a busy machine's stalls.
+torch.set_num_threads(1)
+
 
 def make_blobs(n: int, features: int, classes: int, seed: int) -> TensorDataset:
     """Gaussian blobs around fixed centres (shared by every split): learnable in a few epochs."""

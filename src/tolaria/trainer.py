@@ -63,6 +63,8 @@ class TolariaTrainer:
         progress: ProgressReporter | None = None,
     ) -> None:
         self.config = config
+        if config.run.num_threads:
+            torch.set_num_threads(config.run.num_threads)
         self.device = resolve_device(config.run.device)
         self.model = model.to(self.device)
         self.tamiyo = tamiyo
