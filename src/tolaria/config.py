@@ -29,6 +29,9 @@ class RunConfig(Section):
     seed: int = 0
     epochs: int = Field(30, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: CPU threads for torch ops (0: torch's default).  Small models train fastest on one
+    #: thread: extra threads only add synchronisation, and stall badly on a busy machine.
+    num_threads: int = Field(0, ge=0)
     #: Mixed precision on CUDA (bfloat16 autocast); ignored on CPU.
     amp: bool = False
     #: Parent folder of run directories when ``--run-dir`` is not given.
