@@ -250,7 +250,8 @@ class TolariaTrainer:
     def create_checkpoint(self) -> None:
         """Snapshot the system as of the end of ``current_epoch - 1`` (memory; disk every N)."""
         epoch = self.current_epoch - 1
-        snapshot = self._capture(epoch=epoch)
+        # The snapshot this push evicts lends its buffers: no fresh allocation per epoch.
+        snapshot = self._capture(epoch=epoch, reuse=self.snapshots.recyclable())
         self.snapshots.push(snapshot)
         every = self.config.checkpoint.every_epochs
         if self.store is not None and every and (epoch + 1) % every == 0:
@@ -287,7 +288,7 @@ class TolariaTrainer:
         self._event("resume", epoch=self.current_epoch, checkpoint_epoch=snapshot.epoch)
         return self.current_epoch
 
-    def _capture(self, *, epoch: int):
+    def _capture(self, *, epoch: int, reuse=None):
         extra = {
             "current_epoch": epoch + 1,
             "rollbacks": self.rollbacks,
@@ -305,6 +306,7 @@ class TolariaTrainer:
             epoch=epoch,
             global_step=self.global_step,
             extra=extra,
+            reuse=reuse,
         )
 
     def _load_state(self, snapshot, *, resume: bool) -> None:
@@ -334,7 +336,8 @@ class TolariaTrainer:
             "val_accuracy": accuracy,
             "lr": self.optimizer.param_groups[0]["lr"],
             "params": count_parameters(self.model),
-            "seed_states": {k: v.value for k, v in packet.seed_states.items()},
+            # After this epoch's decisions: what the next epoch trains with.
+            "seed_states": {k: v.value for k, v in self.tamiyo.seed_states.items()},
             "adaptations": len(signal.adaptations),
             "rollback": signal.emergency_rollback_required,
         }
