@@ -161,3 +161,29 @@ def test_run_directory_has_everything_a_researcher_reads(tiny_config, tiny_data,
     assert (run / "config.yaml").exists()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run / "checkpoints").iterdir())
+
+
+class UserModel(nn.Module):
+    """A researcher's own model with its own module names."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(12, 24), nn.ReLU())
+        self.classifier = nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+def test_users_own_model_gets_seeds_and_trains(tiny_config, tiny_data):
+    import tolaria
+
+    tiny_config.kasmina.layers = ["encoder"]
+    tiny_config.kasmina.chunks = 3
+    trainer = tolaria.build_trainer(tiny_config, model=UserModel(), data=tiny_data)
+    assert sorted(trainer.tamiyo.seed_states) == ["encoder.0", "encoder.1", "encoder.2"]
+    summary = trainer.train()
+    assert summary["status"] == "completed"
+    assert summary["best_val_accuracy"] > 0.5
+    # The host's own parameter names are untouched by injection.
+    assert {"encoder.0.weight", "classifier.weight"} <= set(dict(trainer.model.named_parameters()))
