@@ -1,0 +1,227 @@
+"""What do snapshots, rollbacks and durable checkpoints cost for 1M and 10M parameters?
+
+For each size a whole system is built as the trainer builds it: an MLP host with seeds
+injected on its first layer (one seed grafted and TRAINING, so both optimizer groups are
+in use), a ``DynamicOptimizerManager`` over Adam with a StepLR schedule, a
+``TamiyoController``; a few optimizer steps populate the Adam moments.  Then, per round:
+
+- ``capture``: ``capture_snapshot`` + ``SnapshotRing.push`` -- the per-epoch snapshot cost,
+  A/B: ``fresh`` allocates new buffers, ``recycled`` copies into the buffers of the snapshot
+  the ring is about to evict (``capture_snapshot(reuse=ring.recyclable())``);
+- ``rollback``: ``restore_snapshot`` of the ring's newest snapshot -- the fast rollback
+  (design budget 500 ms, our goal <= 50 ms);
+- ``disk_save``: ``CheckpointStore.save`` -- serialise, SHA-256, fsync, atomic rename;
+- ``disk_restore``: ``CheckpointStore.load_latest`` (read + verify) + ``restore_snapshot``
+  -- the full rollback/resume (budget 12 s, our goal <= 1 s).  The file was just written,
+  so it is read from the page cache: a cold disk adds its read time.
+
+Rounds interleave the sizes and operations so drift in machine speed hits all alike; we
+report medians.  Run ``python -m benchmarks.bench_checkpoint`` (``--json`` prints the result
+object); it also writes ``benchmarks/results/checkpoint.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tolaria.checkpoint import CheckpointStore, SnapshotRing, capture_snapshot, restore_snapshot
+from tolaria.config import KasminaConfig, OptimizerConfig, SchedulerConfig, TamiyoConfig
+from tolaria.contracts import SeedState
+from tolaria.hosts import count_parameters
+from tolaria.kasmina import find_seeds, inject_seeds
+from tolaria.optim import DynamicOptimizerManager
+from tolaria.tamiyo import TamiyoController
+
+RESULT = Path(__file__).parent / "results" / "checkpoint.json"
+#: (design budget, our goal) in milliseconds, ARCHITECTURE §4.
+BUDGETS_MS = {"rollback": (500.0, 50.0), "disk_restore": (12_000.0, 1_000.0)}
+INPUTS, CLASSES, DEPTH = 256, 10, 3
+
+
+class System:
+    """One run's model, optimizer manager and controller, with a grafted seed in training."""
+
+    def __init__(self, target_params: int) -> None:
+        # Solve (DEPTH - 1) w^2 + (INPUTS + CLASSES) w = target for the width w.
+        a, b = DEPTH - 1, INPUTS + CLASSES
+        width = round((math.sqrt(b * b + 4 * a * target_params) - b) / (2 * a) / 8) * 8
+        layers: list[nn.Module] = [nn.Linear(INPUTS, width), nn.ReLU()]
+        for _ in range(DEPTH - 1):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        self.model = nn.Sequential(*layers, nn.Linear(width, CLASSES))
+        kasmina = KasminaConfig(layers=["0"], chunks=4)
+        inject_seeds(self.model, kasmina)
+        self.model(torch.zeros(2, INPUTS))  # seeds learn their chunk shapes
+        self.tamiyo = TamiyoController(
+            TamiyoConfig(), kasmina, num_classes=CLASSES,
+            host_parameters=count_parameters(self.model),
+        )
+        seeds = find_seeds(self.model)
+        for seed in seeds:
+            self.tamiyo.register_seed(seed)
+        # A small graft, so the parameter count stays the target's.
+        seeds[0].germinate("low_rank", epoch=0, rank=8)
+        seeds[0].transition(SeedState.TRAINING, epoch=0, reason="benchmark")
+        self.manager = DynamicOptimizerManager(
+            self.model, OptimizerConfig(name="Adam"), SchedulerConfig(name="StepLR",
+                                                                      kwargs={"step_size": 5}),
+        )
+        optimizer = self.manager.get_optimizer()
+        for _ in range(2):  # populate the Adam moments of every parameter
+            x, y = torch.randn(32, INPUTS), torch.randint(0, CLASSES, (32,))
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(self.model(x), y).backward()
+            optimizer.step()
+            self.manager.after_optimizer_step()
+        self.manager.end_epoch(1.0)
+        self.params = count_parameters(self.model)
+
+    def capture(self, epoch: int, reuse=None):
+        return capture_snapshot(
+            self.model, self.manager, self.tamiyo, epoch=epoch, global_step=epoch,
+            extra={"current_epoch": epoch + 1}, reuse=reuse,
+        )
+
+    def restore(self, snapshot) -> None:
+        restore_snapshot(snapshot, self.model, self.manager, self.tamiyo)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _timed_capture(system: System, ring: SnapshotRing, epoch: int, recycle: bool) -> float:
+    """One per-epoch snapshot as the trainer takes it: capture, then push into the ring."""
+    start = time.perf_counter()
+    ring.push(system.capture(epoch, ring.recyclable() if recycle else None))
+    return time.perf_counter() - start
+
+
+def _snapshot_bytes(snapshot) -> int:
+    tensors = list(snapshot.model.values())
+    tensors += [t for s in snapshot.optimizer["state"].values() for t in s.values()
+                if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+OPERATIONS = ("capture_fresh", "capture_recycled", "rollback", "disk_save", "disk_restore")
+
+
+def run(sizes: dict[str, int], rounds: int, directory: Path) -> dict:
+    systems = {name: System(target) for name, target in sizes.items()}
+    rings = {name: SnapshotRing(3) for name in sizes}
+    stores = {name: CheckpointStore(directory / name, keep=2) for name in sizes}
+    times: dict[str, dict[str, list[float]]] = {
+        name: {op: [] for op in OPERATIONS} for name in sizes
+    }
+    for round_ in range(rounds + 1):  # round 0 fills the rings and warms caches: not recorded
+        for name, system in systems.items():
+            ring, store = rings[name], stores[name]
+            epoch = 2 * round_
+            # Two snapshots a round, one of each kind; the order alternates per round.
+            kinds = ("fresh", "recycled")[:: 1 if round_ % 2 else -1]
+            samples = {
+                f"capture_{kind}": _timed_capture(system, ring, epoch + i, kind == "recycled")
+                for i, kind in enumerate(kinds)
+            }
+            newest = ring.newest_before(epoch + 2)
+            samples["rollback"] = _timed(lambda: system.restore(newest))  # noqa: B023
+            samples["disk_save"] = _timed(lambda: store.save(newest))  # noqa: B023
+            samples["disk_restore"] = _timed(
+                lambda: system.restore(store.load_latest())  # noqa: B023
+            )
+            if round_:
+                for op, seconds in samples.items():
+                    times[name][op].append(seconds)
+
+    results = {}
+    for name, system in systems.items():
+        medians = {op: statistics.median(values) * 1e3 for op, values in times[name].items()}
+        entry = {
+            "params": system.params,
+            "snapshot_mb": _snapshot_bytes(rings[name].newest_before(2 * rounds + 2)) / 2**20,
+            "checkpoint_mb": sum(
+                p.stat().st_size for p in stores[name].checkpoints()[-1].iterdir()
+            ) / 2**20,
+            "median_ms": medians,
+            "recycled_vs_fresh_capture": medians["capture_recycled"] / medians["capture_fresh"],
+        }
+        for op, (budget, goal) in BUDGETS_MS.items():
+            entry[f"{op}_vs_budget"] = medians[op] / budget
+            entry[f"{op}_meets_goal"] = medians[op] <= goal
+        results[name] = entry
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--rounds", type=int, default=5, help="recorded rounds per size")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sizes = {"1M": 1_000_000, "10M": 10_000_000}
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-checkpoint-", dir=RESULT.parent.parent) as tmp:
+        sizes_results = run(sizes, args.rounds, Path(tmp))
+    result = {
+        "benchmark": "checkpoint",
+        "setup": {
+            "rounds": args.rounds,
+            "optimizer": "Adam + StepLR",
+            "host": f"MLP {INPUTS}->{DEPTH}x width->{CLASSES}, 4 seeds on layer 0, 1 training",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "page_cache": "warm (the checkpoint was just written)",
+            # Other processes on these 2 cores distort timings: say how busy the machine was.
+            "load_average_1min": [load_before, os.getloadavg()[0]],
+        },
+        "budgets_ms": {op: {"design": b, "goal": g} for op, (b, g) in BUDGETS_MS.items()},
+        "sizes": sizes_results,
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+        return result
+    setup = result["setup"]
+    print(f"{setup['host']}; {setup['threads']} thread(s), load average "
+          f"{setup['load_average_1min'][0]:.1f}; medians of {args.rounds} rounds (ms)")
+    header = f"{'size':<5} {'params':>11} {'MB':>6} {'capture fresh':>14} {'recycled':>9} "
+    header += f"{'ratio':>6} {'rollback':>9} {'disk save':>10} {'disk restore':>13}"
+    print(header)
+    for name, entry in sizes_results.items():
+        m = entry["median_ms"]
+        print(f"{name:<5} {entry['params']:>11,} {entry['snapshot_mb']:>6.1f} "
+              f"{m['capture_fresh']:>14.1f} {m['capture_recycled']:>9.1f} "
+              f"{entry['recycled_vs_fresh_capture']:>6.2f} {m['rollback']:>9.1f} "
+              f"{m['disk_save']:>10.1f} {m['disk_restore']:>13.1f}")
+    for op, (budget, goal) in BUDGETS_MS.items():
+        verdicts = ", ".join(
+            f"{name} {entry['median_ms'][op]:.0f} ms "
+            f"({'meets' if entry[f'{op}_meets_goal'] else 'MISSES'} goal)"
+            for name, entry in sizes_results.items()
+        )
+        print(f"{op}: budget {budget:.0f} ms, goal <= {goal:.0f} ms: {verdicts}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
