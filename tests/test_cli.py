@@ -103,3 +103,23 @@ def test_two_epoch_run_through_the_cli(tmp_path):
     assert sum(summary["seeds"].values()) > 0  # the default host carries seeds
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert "Tolaria run summary" in result.stdout + result.stderr
+
+
+def test_a_bad_host_leaves_no_run_directory_behind(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--run-dir",
+            str(run),
+            "--set",
+            "model.kwargs={width: 3}",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "--set",
+            "data.kwargs={num_samples: 300}",
+        ]
+    )
+    assert code == 2
+    assert "model.kwargs" in capsys.readouterr().err
+    assert not run.exists()  # the same command, corrected, can be run again as is

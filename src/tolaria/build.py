@@ -37,9 +37,11 @@ def build_trainer(
     data: DataBundle | None = None,
     progress: ProgressReporter | None = None,
 ) -> TolariaTrainer:
-    """Assemble a ready-to-train system; pass your own ``model``/``data`` to bypass the config's."""
-    if isinstance(run_dir, Path | str):
-        run_dir = RunDirectory.create(Path(run_dir), config)
+    """Assemble a ready-to-train system; pass your own ``model``/``data`` to bypass the config's.
+
+    A new run directory (given as a path) is created only once data, host and seeds have
+    been built, so a mistake in any of them leaves nothing behind.
+    """
     seed_everything(config.run.seed)
     data = data if data is not None else load_data(config.data, config.run.seed)
     if model is None:
@@ -47,6 +49,8 @@ def build_trainer(
     host_parameters = count_parameters(model)
     if config.kasmina.layers:
         inject_seeds(model, config.kasmina)
+    if isinstance(run_dir, Path | str):
+        run_dir = RunDirectory.create(Path(run_dir), config)
     tamiyo = TamiyoController(
         config.tamiyo,
         config.kasmina,

@@ -68,10 +68,11 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer  # heavy imports only once the config is valid
 
     config = load_config(args.config, args.overrides)
-    run_dir = RunDirectory.create(args.run_dir or RunDirectory.default_path(config), config)
-    console.print(f"run directory: [bold]{run_dir.path}[/]")
-    trainer = build_trainer(config, run_dir=run_dir, progress=_progress(config, console))
-    _print_summary(trainer.train(), run_dir.path)
+    path = args.run_dir or RunDirectory.default_path(config)
+    RunDirectory.check_free(path)  # fail before minutes of data generation, not after
+    trainer = build_trainer(config, run_dir=path, progress=_progress(config, console))
+    console.print(f"run directory: [bold]{path}[/]")
+    _print_summary(trainer.train(), path)
     return 0
 
 

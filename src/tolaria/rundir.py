@@ -55,15 +55,19 @@ class RunDirectory:
     @classmethod
     def create(cls, path: Path, config: TolariaConfig) -> RunDirectory:
         path = Path(path)
-        if (path / "config.yaml").exists():
-            raise ConfigError(
-                f"{path} already holds a run; continue it with `tolaria resume {path}` "
-                "or choose another --run-dir"
-            )
+        cls.check_free(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path, tensorboard=config.run.tensorboard)
         (path / "config.yaml").write_text(config.to_yaml())
         return run
+
+    @staticmethod
+    def check_free(path: Path) -> None:
+        if (Path(path) / "config.yaml").exists():
+            raise ConfigError(
+                f"{path} already holds a run; continue it with `tolaria resume {path}` "
+                "or choose another --run-dir"
+            )
 
     @classmethod
     def open_existing(cls, path: Path) -> tuple[RunDirectory, Path]:
