@@ -96,7 +96,8 @@ class KasminaLayer(nn.Module):
     def flush_telemetry(self, epoch: int) -> list[SeedTelemetry]:
         """This epoch's record for each seed, in chunk order (one device read); then reset.
 
-        Empty when telemetry is off or the layer has never run.
+        Statistics and ``samples`` cover the sampled training batches.  Empty when
+        telemetry is off or the layer has never run.
         """
         if not self.telemetry or self.channels is None:
             return []
