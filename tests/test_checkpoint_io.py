@@ -176,3 +176,29 @@ def test_planted_pickle_is_refused_without_running_it(tmp_path, target, writer):
     assert not marker.exists()
     pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is live: loading it would fire
     assert marker.exists()
+
+
+def test_every_supported_dtype_and_layout_round_trips_through_the_writer(tmp_path):
+    from tolaria.checkpoint_io import _SAFETENSORS_DTYPES
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        str(dtype): (torch.randn(3, 5, generator=generator) * 50).to(dtype)
+        for dtype in _SAFETENSORS_DTYPES
+    }
+    tensors["scalar"] = torch.tensor(2.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["transposed"] = torch.arange(12.0).reshape(3, 4).t()  # not contiguous
+    path = write_checkpoint_dir(tmp_path / "ckpt", tensors, {})
+    loaded, _ = read_checkpoint_dir(path)
+    assert sorted(loaded) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        as_bytes = [t.contiguous().reshape(-1).view(torch.uint8) for t in (loaded[name], tensor)]
+        assert torch.equal(*as_bytes), name  # bit for bit, NaN payloads included
+
+
+def test_unsupported_dtype_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(CheckpointError, match="complex64"):
+        write_checkpoint_dir(tmp_path / "ckpt", {"z": torch.zeros(2, dtype=torch.complex64)}, {})
+    assert list(tmp_path.iterdir()) == []
