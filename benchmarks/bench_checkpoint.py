@@ -10,32 +10,31 @@ in use), a ``DynamicOptimizerManager`` over Adam with a StepLR schedule, a
   the ring is about to evict (``capture_snapshot(reuse=ring.recyclable())``);
 - ``rollback``: ``restore_snapshot`` of the ring's newest snapshot -- the fast rollback
   (design budget 500 ms, our goal <= 50 ms);
-- ``disk_save``: ``CheckpointStore.save`` -- serialise, SHA-256, fsync, atomic rename;
+- ``disk_save``: ``CheckpointStore.save`` -- serialise, SHA-256, fsync, atomic rename
+  (budget 12 s, our goal <= 1 s);
 - ``disk_restore``: ``CheckpointStore.load_latest`` (read + verify) + ``restore_snapshot``
   -- the full rollback/resume (budget 12 s, our goal <= 1 s).  The file was just written,
   so it is read from the page cache: a cold disk adds its read time.
 
 Rounds interleave the sizes and operations so drift in machine speed hits all alike; we
-report medians.  Run ``python -m benchmarks.bench_checkpoint`` (``--json`` prints the result
-object); it also writes ``benchmarks/results/checkpoint.json``.
+report medians, and for the capture A/B the median of per-round ratios.  Run
+``python -m benchmarks.bench_checkpoint`` (``--json`` prints the result object); it also
+writes ``benchmarks/results/checkpoint.json``.  Threads are pinned to one, as in the
+trainer's default (``run.num_threads``) and every benchmark here.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks.common import RESULTS_DIR, bench_main, median, paired_ratio, rotated, timed
 from tolaria.checkpoint import CheckpointStore, SnapshotRing, capture_snapshot, restore_snapshot
 from tolaria.config import KasminaConfig, OptimizerConfig, SchedulerConfig, TamiyoConfig
 from tolaria.contracts import SeedState
@@ -44,9 +43,12 @@ from tolaria.kasmina import find_seeds, inject_seeds
 from tolaria.optim import DynamicOptimizerManager
 from tolaria.tamiyo import TamiyoController
 
-RESULT = Path(__file__).parent / "results" / "checkpoint.json"
 #: (design budget, our goal) in milliseconds, ARCHITECTURE §4.
-BUDGETS_MS = {"rollback": (500.0, 50.0), "disk_restore": (12_000.0, 1_000.0)}
+BUDGETS_MS = {
+    "rollback": (500.0, 50.0),
+    "disk_save": (12_000.0, 1_000.0),
+    "disk_restore": (12_000.0, 1_000.0),
+}
 INPUTS, CLASSES, DEPTH = 256, 10, 3
 
 
@@ -98,17 +100,9 @@ class System:
         restore_snapshot(snapshot, self.model, self.manager, self.tamiyo)
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def _timed_capture(system: System, ring: SnapshotRing, epoch: int, recycle: bool) -> float:
     """One per-epoch snapshot as the trainer takes it: capture, then push into the ring."""
-    start = time.perf_counter()
-    ring.push(system.capture(epoch, ring.recyclable() if recycle else None))
-    return time.perf_counter() - start
+    return timed(lambda: ring.push(system.capture(epoch, ring.recyclable() if recycle else None)))
 
 
 def _snapshot_bytes(snapshot) -> int:
@@ -121,7 +115,7 @@ def _snapshot_bytes(snapshot) -> int:
 OPERATIONS = ("capture_fresh", "capture_recycled", "rollback", "disk_save", "disk_restore")
 
 
-def run(sizes: dict[str, int], rounds: int, directory: Path) -> dict:
+def measure(sizes: dict[str, int], rounds: int, directory: Path) -> dict[str, Any]:
     systems = {name: System(target) for name, target in sizes.items()}
     rings = {name: SnapshotRing(3) for name in sizes}
     stores = {name: CheckpointStore(directory / name, keep=2) for name in sizes}
@@ -132,16 +126,16 @@ def run(sizes: dict[str, int], rounds: int, directory: Path) -> dict:
         for name, system in systems.items():
             ring, store = rings[name], stores[name]
             epoch = 2 * round_
-            # Two snapshots a round, one of each kind; the order alternates per round.
-            kinds = ("fresh", "recycled")[:: 1 if round_ % 2 else -1]
+            # Two snapshots a round, one of each kind, each kind first every other round.
+            kinds = rotated(["fresh", "recycled"], round_)
             samples = {
                 f"capture_{kind}": _timed_capture(system, ring, epoch + i, kind == "recycled")
                 for i, kind in enumerate(kinds)
             }
             newest = ring.newest_before(epoch + 2)
-            samples["rollback"] = _timed(lambda: system.restore(newest))  # noqa: B023
-            samples["disk_save"] = _timed(lambda: store.save(newest))  # noqa: B023
-            samples["disk_restore"] = _timed(
+            samples["rollback"] = timed(lambda: system.restore(newest))  # noqa: B023
+            samples["disk_save"] = timed(lambda: store.save(newest))  # noqa: B023
+            samples["disk_restore"] = timed(
                 lambda: system.restore(store.load_latest())  # noqa: B023
             )
             if round_:
@@ -150,7 +144,7 @@ def run(sizes: dict[str, int], rounds: int, directory: Path) -> dict:
 
     results = {}
     for name, system in systems.items():
-        medians = {op: statistics.median(values) * 1e3 for op, values in times[name].items()}
+        medians = {op: median(values) * 1e3 for op, values in times[name].items()}
         entry = {
             "params": system.params,
             "snapshot_mb": _snapshot_bytes(rings[name].newest_before(2 * rounds + 2)) / 2**20,
@@ -158,7 +152,9 @@ def run(sizes: dict[str, int], rounds: int, directory: Path) -> dict:
                 p.stat().st_size for p in stores[name].checkpoints()[-1].iterdir()
             ) / 2**20,
             "median_ms": medians,
-            "recycled_vs_fresh_capture": medians["capture_recycled"] / medians["capture_fresh"],
+            "recycled_vs_fresh_capture": paired_ratio(
+                times[name]["capture_recycled"], times[name]["capture_fresh"]
+            ),
         }
         for op, (budget, goal) in BUDGETS_MS.items():
             entry[f"{op}_vs_budget"] = medians[op] / budget
@@ -167,47 +163,34 @@ def run(sizes: dict[str, int], rounds: int, directory: Path) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--rounds", type=int, default=5, help="recorded rounds per size")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=7, help="recorded rounds per size")
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = {"1M": 1_000_000, "10M": 10_000_000}
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="bench-checkpoint-", dir=RESULT.parent.parent) as tmp:
-        sizes_results = run(sizes, args.rounds, Path(tmp))
-    result = {
-        "benchmark": "checkpoint",
+    with tempfile.TemporaryDirectory(prefix="bench-checkpoint-", dir=RESULTS_DIR.parent) as tmp:
+        results = measure(sizes, args.rounds, Path(tmp))
+    return {
         "setup": {
             "rounds": args.rounds,
             "optimizer": "Adam + StepLR",
             "host": f"MLP {INPUTS}->{DEPTH}x width->{CLASSES}, 4 seeds on layer 0, 1 training",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
             "page_cache": "warm (the checkpoint was just written)",
-            # Other processes on these 2 cores distort timings: say how busy the machine was.
-            "load_average_1min": [load_before, os.getloadavg()[0]],
         },
         "budgets_ms": {op: {"design": b, "goal": g} for op, (b, g) in BUDGETS_MS.items()},
-        "sizes": sizes_results,
+        "sizes": results,
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result))
-        return result
-    setup = result["setup"]
-    print(f"{setup['host']}; {setup['threads']} thread(s), load average "
-          f"{setup['load_average_1min'][0]:.1f}; medians of {args.rounds} rounds (ms)")
+
+
+def report(result: dict[str, Any]) -> None:
+    machine = result["machine"]
+    print(f"{result['setup']['host']}; {machine['torch_threads']} thread(s), load average "
+          f"{machine['load_average_1min']}; medians of {result['setup']['rounds']} rounds (ms)")
     header = f"{'size':<5} {'params':>11} {'MB':>6} {'capture fresh':>14} {'recycled':>9} "
     header += f"{'ratio':>6} {'rollback':>9} {'disk save':>10} {'disk restore':>13}"
     print(header)
-    for name, entry in sizes_results.items():
+    for name, entry in result["sizes"].items():
         m = entry["median_ms"]
         print(f"{name:<5} {entry['params']:>11,} {entry['snapshot_mb']:>6.1f} "
               f"{m['capture_fresh']:>14.1f} {m['capture_recycled']:>9.1f} "
@@ -217,10 +200,13 @@ def main(argv: list[str] | None = None) -> dict:
         verdicts = ", ".join(
             f"{name} {entry['median_ms'][op]:.0f} ms "
             f"({'meets' if entry[f'{op}_meets_goal'] else 'MISSES'} goal)"
-            for name, entry in sizes_results.items()
+            for name, entry in result["sizes"].items()
         )
         print(f"{op}: budget {budget:.0f} ms, goal <= {goal:.0f} ms: {verdicts}")
-    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return bench_main("checkpoint", __doc__.split("\n")[0], argv, configure, run, report)
 
 
 if __name__ == "__main__":
