@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tolaria import cli
 from tolaria.build import build_trainer
+from tolaria.checkpoint import CheckpointStore
 from tolaria.contracts import SeedState
 from tolaria.kasmina import export_structure
 
@@ -159,3 +161,38 @@ def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text()
               .splitlines()]
     assert [e["restored_epoch"] for e in events if e["event"] == "rollback"] == [poison_epoch - 1]
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_refuses_when_none_is_valid(
+    tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    settings = [*CLI_SETTINGS, f"data.cache_dir={tmp_path / 'cache'}", "run.epochs=4",
+                "checkpoint.every_epochs=1", "data.batch_size=64"]
+    assert cli.main(["train", "--run-dir", str(run_dir), *(f"--set={s}" for s in settings)]) == 0
+    finished = _records(run_dir)
+    _, newest = CheckpointStore(run_dir / "checkpoints", keep=2).checkpoints()
+    tensors = newest / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-1000])  # a torn write or a bad disk
+    capsys.readouterr()
+
+    assert cli.main(["resume", str(run_dir)]) == 0
+    output = " ".join(capsys.readouterr().err.split())  # undo the console's line wrapping
+    assert output.count("skipping checkpoint") == 1
+    assert f"{newest.name}/tensors.safetensors" in output.replace(" ", "")
+    assert "truncated" in output
+    assert _records(run_dir) == finished  # epoch 3 ran again, identically
+
+    for checkpoint in CheckpointStore(run_dir / "checkpoints", keep=2).checkpoints():
+        (checkpoint / "manifest.json").write_text("{}")
+    before = _tree(run_dir)
+    capsys.readouterr()
+    assert cli.main(["resume", str(run_dir)]) == 1
+    error = capsys.readouterr().err
+    assert "none of the 2 checkpoints" in error
+    assert _tree(run_dir) == before  # nothing written, nothing overwritten
