@@ -174,7 +174,7 @@ class KasminaLayer(nn.Module):
         """Accumulate one training batch's statistics, if this batch is sampled.
 
         Only float ops on ``h`` (bool comparisons and ``count_nonzero`` are several times
-        slower on CPU): non-zeros are ``sum |sign(h)|``; ``|h| >= t`` is
+        slower on CPU): non-zeros are ``sum sign(|h|)``; ``|h| >= t`` is
         ``sign(max(|h| - t_below, 0))`` with ``t_below`` the largest float of ``h``'s dtype
         under ``t``, exact because no value of that dtype lies strictly between the two.
         """
@@ -189,15 +189,9 @@ class KasminaLayer(nn.Module):
             x = x.float()
         dims = self._reduce_dims
         magnitude = x.abs()
+        nonzero = magnitude.sign().sum(dims)  # before magnitude is reused in place
         saturated = magnitude.sub_(self._below_threshold[x.dtype]).clamp_min_(0).sign_()
-        per_channel = torch.stack(
-            (
-                x.sum(dims),
-                x.square().sum(dims),
-                x.sign().abs_().sum(dims),
-                saturated.sum(dims),
-            )
-        )
+        per_channel = torch.stack((x.sum(dims), x.square().sum(dims), nonzero, saturated.sum(dims)))
         self._activation_sums.addmm_(per_channel.double(), self._membership)
         self._samples += x.shape[0]
         self._positions += x.numel() // self.channels
