@@ -17,7 +17,8 @@ Every contender goes through ``TolariaTrainer`` with the same data, batch size, 
 learning rate.  Tamiyo sees the validation split only (it is carved from the training
 split); the test split is evaluated once, on the final model, and never used to decide
 anything.  We report test accuracy mean +- std over seeds, final parameter count and wall
-time, and plot accuracy against parameters to ``benchmarks/results/growth.png``.
+time, and plot accuracy against parameters to ``benchmarks/results/growth.png``
+(``plot`` in the result names the file, beside the JSON).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import copy
 import statistics
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, bench_main
+from benchmarks.common import bench_main, results_dir
 from tolaria.build import build_trainer, seed_everything
 from tolaria.config import TolariaConfig, load_config
 from tolaria.contracts import SeedState
@@ -35,7 +36,7 @@ from tolaria.data import DataBundle, load_data
 from tolaria.hosts import build_host, count_parameters
 from tolaria.kasmina import export_structure, inject_seeds, replay_structure
 
-PLOT = RESULTS_DIR / "growth.png"
+PLOT_NAME = "growth.png"
 #: Test accuracies on MNIST-1D from the dataset's paper (Greydanus, 2020), for scale.
 REFERENCE_ACCURACY = {"logistic regression": 0.32, "MLP": 0.68, "CNN": 0.94}
 STATIC = ["kasmina.layers=[]"]
@@ -202,8 +203,9 @@ def plot(per_seed: dict[int, dict[str, Any]], table: dict[str, dict[str, float]]
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=120)
+    path = results_dir() / PLOT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -230,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reference_accuracy": REFERENCE_ACCURACY,
         "summary": table,
         "runs": {str(seed): results for seed, results in per_seed.items()},
-        "plot": None if args.no_plot else str(PLOT.relative_to(RESULTS_DIR.parent.parent)),
+        "plot": None if args.no_plot else PLOT_NAME,
     }
 
 

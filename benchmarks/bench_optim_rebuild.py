@@ -25,24 +25,19 @@ result object); it also writes ``benchmarks/results/optim_rebuild.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import statistics
-import time
-from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks.common import bench_main, median, timed
 from tolaria.config import KasminaConfig, OptimizerConfig
 from tolaria.contracts import SeedState
 from tolaria.hosts import count_parameters
 from tolaria.kasmina import find_seeds, inject_seeds
 from tolaria.optim import DynamicOptimizerManager
 
-RESULT = Path(__file__).parent / "results" / "optim_rebuild.json"
 #: (design budget, our goal) in milliseconds, ARCHITECTURE §4.
 BUDGETS_MS = {"no_change": (100.0, 20.0), "add": (20.0, 20.0), "remove": (100.0, 20.0)}
 INPUTS, CLASSES, DEPTH, TARGET_PARAMS = 256, 10, 3, 10_000_000
@@ -117,7 +112,7 @@ class CopyCounter:
     def timed_rebuild(self, manager: DynamicOptimizerManager) -> float:
         """Seconds taken by ``manager.rebuild_optimizer()`` (the pointer checks are outside)."""
         before = _pointers(manager.get_optimizer())
-        seconds = _timed(manager.rebuild_optimizer)
+        seconds = timed(manager.rebuild_optimizer)
         after = _pointers(manager.get_optimizer())
         survivors = before.keys() & after.keys()
         self.checked += len(survivors)
@@ -125,13 +120,7 @@ class CopyCounter:
         return seconds
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def run(rounds: int) -> dict:
+def measure(rounds: int) -> dict[str, Any]:
     system = GrowingSystem()
     manager = system.manager
     counter = CopyCounter()
@@ -141,8 +130,8 @@ def run(rounds: int) -> dict:
     grafted_params = 0
     for round_ in range(rounds + 1):  # round 0 warms allocators and caches, not recorded
         samples = {"no_change": counter.timed_rebuild(manager)}
-        samples["torch_reload"] = _timed(lambda: torch_reload(manager))
-        samples["check_manifest"] = _timed(manager.check_manifest)
+        samples["torch_reload"] = timed(lambda: torch_reload(manager))
+        samples["check_manifest"] = timed(manager.check_manifest)
         system.graft()
         samples["add"] = counter.timed_rebuild(manager)
         grafted_params = system.seed.param_count()
@@ -158,7 +147,7 @@ def run(rounds: int) -> dict:
             for op, seconds in samples.items():
                 times[op].append(seconds)
 
-    medians = {op: statistics.median(values) * 1e3 for op, values in times.items()}
+    medians = {op: median(values) * 1e3 for op, values in times.items()}
     result = {
         "params": system.host_params,
         "grafted_params": grafted_params,
@@ -174,35 +163,28 @@ def run(rounds: int) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="recorded rounds")
-    args = parser.parse_args(argv)
 
-    measured = run(args.rounds)
-    result = {
-        "benchmark": "optim_rebuild",
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         "setup": {
             "rounds": args.rounds,
             "optimizer": "Adam (moments populated)",
             "host": f"MLP {INPUTS}->{DEPTH}x width->{CLASSES}, 4 seeds on layer 0",
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
         },
         "budgets_ms": {op: {"design": b, "goal": g} for op, (b, g) in BUDGETS_MS.items()},
-        **measured,
+        **measure(args.rounds),
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result))
-        return result
+
+
+def report(result: dict[str, Any]) -> None:
     m = result["median_ms"]
     print(
         f"{result['setup']['host']}: {result['params']:,} parameters, "
-        f"{result['state_tensors']} Adam state tensors; medians of {args.rounds} rounds"
+        f"{result['state_tensors']} Adam state tensors; "
+        f"medians of {result['setup']['rounds']} rounds"
     )
     print(f"{'operation':<16} {'median ms':>10} {'budget ms':>10} {'goal ms':>8}  verdict")
     for op in ("no_change", "add", "remove"):
@@ -218,7 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"state tensors copied by rebuilds: {result['state_copies']} "
         f"of {result['state_tensors_checked']} checked"
     )
-    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return bench_main("optim_rebuild", __doc__.split("\n")[0], argv, configure, run, report)
 
 
 if __name__ == "__main__":

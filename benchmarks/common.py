@@ -31,6 +31,8 @@ import torch
 from tolaria.hardware import cpu_model_name
 
 RESULTS_DIR = Path(__file__).parent / "results"
+#: Environment variable that redirects result files (tests write to a temporary folder).
+RESULTS_ENV = "TOLARIA_BENCH_RESULTS"
 BENCH_THREADS = 1
 
 
@@ -99,12 +101,17 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def results_dir() -> Path:
+    """Where results go: ``$TOLARIA_BENCH_RESULTS`` if set, else ``benchmarks/results``."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
+
+
 def result_path(name: str) -> Path:
-    return RESULTS_DIR / f"{name}.json"
+    return results_dir() / f"{name}.json"
 
 
 def write_result(name: str, result: dict[str, Any]) -> Path:
-    """Write ``result`` to ``benchmarks/results/<name>.json`` (pretty, stable key order)."""
+    """Write ``result`` to ``<results_dir()>/<name>.json`` (pretty, stable key order)."""
     path = result_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
