@@ -12,7 +12,15 @@ from kasmina_hosts import TinyConv, TinyMLP
 from tolaria.config import KasminaConfig
 from tolaria.contracts import SeedState
 from tolaria.errors import ConfigError
-from tolaria.kasmina import KasminaLayer, collect_telemetry, find_seeds, inject_seeds
+from tolaria.hosts import CNN1dHost, CNN2dHost, MLPHost
+from tolaria.kasmina import (
+    KasminaLayer,
+    available_blueprints,
+    collect_telemetry,
+    find_seeds,
+    get_blueprint,
+    inject_seeds,
+)
 
 
 def test_injection_matches_outermost_modules_and_keeps_host_names():
@@ -150,3 +158,26 @@ def test_a_first_forward_under_inference_mode_does_not_poison_training():
     model(torch.randn(3, 6)).sum().backward()
     assert model.hidden[0].kasmina.flush_telemetry(0)[0].samples == 3
     assert all(p.grad is not None for p in find_seeds(model)[0].parameters())
+
+
+@pytest.mark.parametrize(
+    ("host", "input_shape", "chunk_shape"),
+    [
+        (MLPHost, (40,), (8,)),
+        (CNN1dHost, (40,), (4, 40)),
+        (CNN2dHost, (1, 8, 8), (4, 8, 8)),
+    ],
+)
+def test_default_config_fits_every_builtin_host(host, input_shape, chunk_shape):
+    model = host(input_shape, 10)
+    layers = inject_seeds(model, KasminaConfig())  # layers=["hidden.*"], 4 chunks
+    assert [layer.module_fqn for layer in layers] == ["hidden.0", "hidden.1"]
+    model(torch.randn(2, *input_shape))
+    seed = find_seeds(model)[0]
+    assert seed.chunk_shape == chunk_shape
+    fitting = [name for name in available_blueprints() if get_blueprint(name).supports(chunk_shape)]
+    assert len(fitting) >= 3
+    for name in fitting:
+        seed.germinate(name, epoch=0)
+        seed.transition(SeedState.CULLED, epoch=0, reason="next")
+        seed.transition(SeedState.DORMANT, epoch=0, reason="next")
