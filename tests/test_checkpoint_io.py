@@ -115,6 +115,9 @@ def test_write_refuses_to_overwrite(tmp_path):
         (lambda p: (p / STATE_FILE).unlink(), "missing"),
         (lambda p: _truncate(p / MANIFEST_FILE), "not valid JSON"),
         (lambda p: (p / MANIFEST_FILE).write_text('{"format": "other"}'), "not a Tolaria"),
+        (lambda p: _edit_manifest(p, lambda m: m["files"].update({STATE_FILE: "x"})),
+         "malformed entry"),
+        (lambda p: _edit_manifest(p, lambda m: m["files"].pop(STATE_FILE)), "malformed file list"),
     ],
 )
 def test_damaged_checkpoints_are_detected(tmp_path, damage, message):
@@ -131,6 +134,12 @@ def test_newer_format_version_is_refused(tmp_path):
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="version 99"):
         read_checkpoint_dir(path)
+
+
+def _edit_manifest(path: Path, edit) -> None:
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 def _flip_byte(path: Path) -> None:

@@ -276,3 +276,26 @@ def test_ring_hands_out_only_the_oldest_of_a_full_ring():
     ring.push(make_snapshot(1))
     assert ring.recyclable().epoch == 0
     assert len(ring) == 1 and ring.newest_before(2).epoch == 1
+
+
+def test_a_full_disk_fails_the_save_cleanly_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    import tolaria.checkpoint_io
+
+    store = CheckpointStore(tmp_path, keep=1)
+    store.save(make_snapshot(0))
+    before = tree_bytes(tmp_path)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tolaria.checkpoint_io.os, "fsync", no_space)
+    with pytest.raises(CheckpointError, match="No space left"):
+        store.save(make_snapshot(1))
+    monkeypatch.undo()
+    assert tree_bytes(tmp_path) == before  # nothing pruned
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000-epoch-0"]  # no temporary
+    assert store.load_latest().epoch == 0

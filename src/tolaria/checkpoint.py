@@ -244,7 +244,8 @@ class CheckpointStore:
     Checkpoint ``ckpt-<sequence>-epoch-<epoch>`` directories are ordered by their sequence
     number, which only grows, so a checkpoint written after a rollback to an earlier epoch
     is still the newest.  Leftovers of an interrupted write or prune (dot-prefixed
-    directories) are never read and are removed by the next :meth:`save`.
+    directories) are never read and are removed by the next :meth:`save`, which assumes
+    one writer per directory (one run per run directory).
     """
 
     def __init__(self, directory: Path, keep: int) -> None:

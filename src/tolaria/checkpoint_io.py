@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +149,19 @@ def write_checkpoint_dir(
         raise CheckpointError(f"{final}: cannot serialise the snapshot ({exc})") from None
 
     temp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    temp.mkdir(parents=True)
-    files = {
-        TENSORS_FILE: _write_synced(temp / TENSORS_FILE, [header, *chunks]),
-        STATE_FILE: _write_synced(temp / STATE_FILE, [state_bytes]),
-    }
-    manifest = {"format": FORMAT, "version": VERSION, "files": files}
-    _write_synced(temp / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])  # last
-    _fsync_dir(temp)
-    os.replace(temp, final)
+    try:
+        temp.mkdir(parents=True)
+        files = {
+            TENSORS_FILE: _write_synced(temp / TENSORS_FILE, [header, *chunks]),
+            STATE_FILE: _write_synced(temp / STATE_FILE, [state_bytes]),
+        }
+        manifest = {"format": FORMAT, "version": VERSION, "files": files}
+        _write_synced(temp / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])  # last
+        _fsync_dir(temp)
+        os.replace(temp, final)
+    except OSError as exc:  # a full disk, a read-only or vanished directory
+        shutil.rmtree(temp, ignore_errors=True)
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({exc})") from None
     _fsync_dir(final.parent)
     return final
 
@@ -257,8 +262,10 @@ def read_checkpoint_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 
     contents = {}
     for name, entry in expected.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{path / MANIFEST_FILE}: malformed entry for {name}")
         data = _read(path / name)
-        if not isinstance(entry, dict) or len(data) != entry.get("bytes"):
+        if len(data) != entry.get("bytes"):
             raise CheckpointError(
                 f"{path / name}: size {len(data)} bytes, manifest says {entry.get('bytes')} "
                 "(truncated or replaced)"
