@@ -1,0 +1,298 @@
+"""``BENCHMARKS.md`` from the result files: every figure next to its anchor.
+
+Nothing here measures; it only reads ``benchmarks/results/*.json`` (or
+``$TOLARIA_BENCH_RESULTS``) and writes markdown, so every number in the report is one a
+benchmark run printed.  ``python -m benchmarks.report`` regenerates the file;
+``python -m benchmarks.run_all`` calls it after running the benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import read_result
+
+REPORT_PATH = Path(__file__).parent.parent / "BENCHMARKS.md"
+Result = dict[str, Any]
+
+
+def verdict(value: float, goal: float) -> str:
+    return "meets goal" if value <= goal else "**misses goal**"
+
+
+def mean_std(row: dict[str, float], key: str, fmt: str) -> str:
+    return f"{row[f'{key}_mean']:{fmt}} ± {row[f'{key}_std']:{fmt}}"
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+# ---------------------------------------------------------------- headline rows
+def headline_rows(results: dict[str, Result]) -> list[list[str]]:
+    """One row per claim: what, measured, anchor, verdict."""
+    rows = []
+    if boundary := results.get("epoch_boundary"):
+        w = boundary["workloads"][0]
+        b = w["ms"]["boundary"]
+        rows.append([f"End-of-epoch hook, default job ({w['host']}), median / max",
+                     f"{b['median']:.2f} / {b['max']:.2f} ms",
+                     f"design {boundary['design_budget_ms']:.0f} ms; goal ≤ "
+                     f"{boundary['goal_ms']:.0f} ms",
+                     verdict(b["median"], boundary["goal_ms"])])
+    if checkpoint := results.get("checkpoint"):
+        size = checkpoint["sizes"]["10M"]
+        budgets = checkpoint["budgets_ms"]
+        for op, label in (("rollback", "Fast (in-memory) rollback"),
+                          ("disk_restore", "Full (disk) rollback: read + verify + restore")):
+            rows.append([f"{label}, {size['params'] / 1e6:.1f}M params",
+                         f"{size['median_ms'][op]:.1f} ms",
+                         f"design {budgets[op]['design']:,.0f} ms; goal ≤ "
+                         f"{budgets[op]['goal']:,.0f} ms",
+                         verdict(size["median_ms"][op], budgets[op]["goal"])])
+    if optim := results.get("optim_rebuild"):
+        budgets = optim["budgets_ms"]
+        for op, label in (("no_change", "Optimizer rebuild, state preserved"),
+                          ("add", "Optimizer rebuild after a graft")):
+            rows.append([f"{label}, {optim['params'] / 1e6:.1f}M params",
+                         f"{optim['median_ms'][op]:.3f} ms; {optim['state_copies']} state "
+                         "tensor copies",
+                         f"design {budgets[op]['design']:.0f} ms; goal ≤ "
+                         f"{budgets[op]['goal']:.0f} ms, no copies",
+                         verdict(optim["median_ms"][op], budgets[op]["goal"])])
+    if overhead := results.get("trainer_overhead"):
+        w = overhead["workloads"][0]
+        ratio = w["ratio_vs_hand_written"]["tolaria"]
+        paired = w["median_paired_ratio_vs_hand_written"]["tolaria"]
+        same = w["bitwise_identical_weights"]["tolaria"]
+        rows.append([f"TolariaTrainer vs hand-written loop, epoch time ({w['host']})",
+                     f"{ratio:.3f} (paired {paired:.3f}); weights "
+                     f"{'bitwise identical' if same else '**differ**'}",
+                     f"hand-written loop = 1; goal ≤ {overhead['goal_ratio']}",
+                     verdict(max(ratio, paired), overhead["goal_ratio"])])
+    if kasmina := results.get("kasmina_overhead"):
+        ratio = kasmina["ratio_vs_plain"]["dormant"]
+        paired = kasmina["median_paired_ratio_vs_plain"]["dormant"]
+        rows.append([f"Dormant seeds vs plain host, epoch time ({kasmina['setup']['host']})",
+                     f"{ratio:.3f} (paired {paired:.3f})",
+                     f"plain host = 1; goal ≤ {kasmina['target_ratio_dormant']}",
+                     verdict(max(ratio, paired), kasmina["target_ratio_dormant"])])
+    if growth := results.get("growth"):
+        summary = growth["summary"]
+        grown = summary["grown"]
+        others = ", ".join(
+            f"{name.replace('_', ' ')} {row['test_accuracy_mean']:.1%}"
+            for name, row in summary.items() if name != "grown"
+        )
+        refs = ", ".join(f"{k} ≈{v:.0%}" for k, v in growth["reference_accuracy"].items())
+        rows.append([f"MNIST-1D test accuracy, small host grown by Tamiyo "
+                     f"({growth['epochs']} epochs, {len(growth['seeds'])} seeds)",
+                     f"{mean_std(grown, 'test_accuracy', '.1%')} at "
+                     f"{grown['params_mean']:,.0f} params",
+                     f"{others}; paper: {refs}", "see growth study"])
+    return rows
+
+
+# ---------------------------------------------------------------- detail sections
+def section_trainer_overhead(r: Result) -> list[str]:
+    rows = []
+    for w in r["workloads"]:
+        for name, ms in w["median_epoch_ms"].items():
+            ratio = w["ratio_vs_hand_written"].get(name)
+            paired = w["median_paired_ratio_vs_hand_written"].get(name)
+            same = w["bitwise_identical_weights"].get(name)
+            rows.append([w["host"], f"{w['params']:,}", name, f"{ms:.1f}",
+                         "1 (anchor)" if ratio is None else f"{ratio:.3f}",
+                         "" if paired is None else f"{paired:.3f}",
+                         "anchor" if same is None else ("yes" if same else "**no**")])
+    w0 = r["workloads"][0]
+    return [
+        f"Same host, initial weights, batches and Adam; {w0['epochs_timed']} interleaved epochs "
+        f"timed (first one is warm-up), {w0['batches_per_epoch']} training + "
+        f"{w0['val_batches_per_epoch']} validation batches each; `tolaria` has "
+        f"{w0['seeds']} dormant seeds (telemetry on) and a real Tamiyo that never adapts "
+        f"({w0['seed_transitions']} seed transitions), no run directory.  `paired` is the "
+        "median of per-epoch ratios.  Goal: ≤ 1.02.",
+        "",
+        *table(["host", "params", "contender", "median epoch ms", "ratio", "paired",
+                "bitwise-identical weights"], rows),
+    ]
+
+
+def section_epoch_boundary(r: Result) -> list[str]:
+    rows = []
+    for w in r["workloads"]:
+        for part, s in w["ms"].items():
+            rows.append([w["host"], part, f"{s['median']:.3f}", f"{s['p90']:.3f}",
+                         f"{s['max']:.3f}", s["n"]])
+    notes = [f"{w['host']}: {w['epochs_with_adaptations']} of {w['epochs_recorded']} timed "
+             f"epochs adapted, params {w['params_initial']:,} → {w['params_final']:,}, "
+             f"{w['rollbacks']} rollbacks" for w in r["workloads"]]
+    return [
+        "The real default job with Tamiyo deciding, timed inside `run_epoch` (first epoch "
+        "dropped).  `boundary` = end of validation → end of the epoch: packet, "
+        "`tamiyo.step`, record, optimizer rebuild when flagged, scheduler, in-memory "
+        "snapshot.  No run directory, so no disk I/O.  `telemetry_flush` "
+        "(`on_epoch_boundary`, before validation) is shown apart.  "
+        f"Design budget {r['design_budget_ms']:.0f} ms; goal ≤ {r['goal_ms']:.0f} ms.",
+        "",
+        *table(["host", "part", "median ms", "p90 ms", "max ms", "epochs"], rows),
+        "",
+        *[f"- {note}" for note in notes],
+    ]
+
+
+def section_growth(r: Result) -> list[str]:
+    rows = [[r["labels"][name], mean_std(row, "test_accuracy", ".1%"),
+             mean_std(row, "final_val_accuracy", ".1%"), mean_std(row, "params", ",.0f"),
+             mean_std(row, "wall_time_s", ".1f")]
+            for name, row in r["summary"].items()]
+    grown = [f"- seed {seed}: {runs['grown']['seed_transitions']} seed transitions, "
+             f"{runs['grown']['rollbacks']} rollbacks, final states "
+             f"{runs['grown']['final_seed_states']}; grafts "
+             f"{runs['grown']['grafts'] or 'none'}"
+             for seed, runs in r["runs"].items()]
+    refs = ", ".join(f"{k} ≈{v:.0%}" for k, v in r["reference_accuracy"].items())
+    return [
+        f"{r['epochs']} epochs for every contender, seeds {r['seeds']} (mean ± sample std).  "
+        "Tamiyo decides on the validation split only; test accuracy is of the final model, "
+        "measured once.  Reference numbers from the MNIST-1D paper (longer training, larger "
+        f"models): {refs}.",
+        "",
+        *table(["contender", "test accuracy", "final val accuracy", "params", "wall s"],
+               rows),
+        "",
+        "What the grown runs did:",
+        "",
+        *grown,
+        "",
+        f"![accuracy vs parameters](benchmarks/results/{r['plot']})" if r.get("plot") else "",
+    ]
+
+
+def section_checkpoint(r: Result) -> list[str]:
+    rows = []
+    for name, s in r["sizes"].items():
+        m = s["median_ms"]
+        rows.append([name, f"{s['params']:,}", f"{s['snapshot_mb']:.1f}",
+                     *(f"{m[op]:.1f}" for op in ("capture_fresh", "capture_recycled",
+                                                  "rollback", "disk_save", "disk_restore"))])
+    budgets = "; ".join(f"{op}: design {b['design']:,.0f} ms, goal ≤ {b['goal']:,.0f} ms"
+                        for op, b in r["budgets_ms"].items())
+    return [
+        f"{r['setup']['host']}; {r['setup']['optimizer']}; medians of {r['setup']['rounds']} "
+        f"rounds; page cache {r['setup']['page_cache']}.  {budgets}.",
+        "",
+        *table(["size", "params", "snapshot MB", "capture fresh ms", "capture recycled ms",
+                "rollback ms", "disk save ms", "disk restore ms"], rows),
+    ]
+
+
+def section_optim_rebuild(r: Result) -> list[str]:
+    m, budgets = r["median_ms"], r["budgets_ms"]
+    rows = [[op, f"{m[op]:.3f}",
+             f"{budgets[op]['design']:.0f}" if op in budgets else "",
+             f"{budgets[op]['goal']:.0f}" if op in budgets else ""]
+            for op in m]
+    return [
+        f"{r['setup']['host']}: {r['params']:,} parameters, {r['state_tensors']} Adam state "
+        f"tensors; medians of {r['setup']['rounds']} rounds.  `torch_reload` is the "
+        "conventional rebuild (new optimizer + positional `load_state_dict`) for comparison: "
+        f"manager / torch_reload = {r['manager_vs_torch_reload']:.2f}.  State tensors copied "
+        f"by rebuilds: {r['state_copies']} of {r['state_tensors_checked']} checked.",
+        "",
+        *table(["operation", "median ms", "design ms", "goal ms"], rows),
+    ]
+
+
+def section_kasmina_overhead(r: Result) -> list[str]:
+    s = r["setup"]
+    rows = [[name, f"{sec * 1e3:.1f}", f"{r['ratio_vs_plain'][name]:.3f}",
+             f"{r['median_paired_ratio_vs_plain'][name]:.3f}"]
+            for name, sec in r["median_epoch_s"].items()]
+    return [
+        f"{s['host']}, {s['samples']} samples, batch {s['batch']}, {s['dormant_seeds']} "
+        f"dormant seeds, {s['rounds']} interleaved rounds; telemetry samples every "
+        f"{s['default_telemetry_interval']}th batch by default.  Goal for `dormant`: ≤ "
+        f"{r['target_ratio_dormant']}.",
+        "",
+        *table(["variant", "median epoch ms", "ratio", "paired"], rows),
+    ]
+
+
+SECTIONS: dict[str, tuple[str, Callable[[Result], list[str]]]] = {
+    "trainer_overhead": ("Trainer overhead vs a hand-written loop", section_trainer_overhead),
+    "epoch_boundary": ("End-of-epoch hook latency", section_epoch_boundary),
+    "growth": ("Growth study on MNIST-1D", section_growth),
+    "checkpoint": ("Snapshots, rollback and durable checkpoints", section_checkpoint),
+    "optim_rebuild": ("Optimizer rebuild", section_optim_rebuild),
+    "kasmina_overhead": ("Dormant-seed overhead", section_kasmina_overhead),
+}
+
+
+def render(results: dict[str, Result], run_record: Result | None) -> str:
+    machine = next((r["machine"] for r in results.values() if "machine" in r), {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python -m benchmarks.run_all`) from "
+        "`benchmarks/results/*.json`; do not edit by hand.  Every benchmark runs its "
+        "contenders side by side in one process (A/B interleaved where times are compared) "
+        "and reports medians; `python -m benchmarks.bench_<name> --json` prints one result "
+        "as a JSON object.",
+        "",
+        f"**Machine:** {machine.get('cpu', '?')} (`lscpu` model name), "
+        f"{machine.get('cores', '?')}-core CPU container, "
+        f"{'GPU ' + machine['gpu'] if machine.get('gpu') else 'no GPU'}; "
+        f"{machine.get('platform', '?')}, Python {machine.get('python', '?')}, "
+        f"torch {machine.get('torch', '?')}.  Every benchmark sets "
+        "`torch.set_num_threads(1)` (the models are tiny; one thread is fastest and least "
+        "disturbed by other processes, like the trainer's `run.num_threads=1`).",
+    ]
+    if run_record:
+        total = run_record["total_s"]
+        per = ", ".join(f"{name} {rec['wall_time_s']:.0f} s"
+                        for name, rec in run_record["benchmarks"].items())
+        lines += ["", f"**`make bench` wall time:** {total / 60:.1f} min in total ({per}); "
+                      f"finished {run_record['finished']}"
+                      + (" (quick smoke sizes: numbers meaningless)" if run_record["quick"]
+                         else "") + "."]
+    loads = ", ".join(f"{name} {r['machine']['load_average_1min']}"
+                      for name, r in results.items() if "machine" in r)
+    lines += ["", f"1-minute load average when each started (the machine is shared; "
+                  f"above 2 means other work competed for the cores): {loads}.", ""]
+    lines += ["## Headline figures against their anchors", ""]
+    lines += table(["figure", "measured", "anchor", "verdict"], headline_rows(results))
+    for name, (title, render_section) in SECTIONS.items():
+        lines += ["", f"## {title}", "", f"`python -m benchmarks.bench_{name}`", ""]
+        if name not in results:
+            lines.append("_Not run yet._")
+            continue
+        try:
+            lines += render_section(results[name])
+        except KeyError as missing:
+            lines.append(f"_`results/{name}.json` lacks {missing}: written by another "
+                         "version of the benchmark; rerun it._")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(path: Path = REPORT_PATH) -> Path:
+    results = {name: r for name in SECTIONS if (r := read_result(name)) is not None}
+    path.write_text(render(results, read_result("run_all")))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=REPORT_PATH)
+    print(write_report(parser.parse_args(argv).output))
+
+
+if __name__ == "__main__":
+    main()
