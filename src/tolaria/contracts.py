@@ -10,11 +10,12 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
-class SeedState(str, enum.Enum):
+class SeedState(enum.StrEnum):
     """The lifecycle of a Kasmina seed (design §2.1, §4)."""
 
     DORMANT = "dormant"
