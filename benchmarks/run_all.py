@@ -28,6 +28,7 @@ from typing import Any
 from benchmarks.common import machine, read_result, write_result
 from benchmarks.report import REPORT_PATH, write_report
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 #: In the order they run: the cheap micro-benchmarks first, the long growth study last.
 BENCHMARKS = (
     "kasmina_overhead",
@@ -55,7 +56,8 @@ def run_benchmark(name: str, args: list[str]) -> dict[str, Any]:
     command = [sys.executable, "-m", f"benchmarks.bench_{name}", "--json", *args]
     started = time.perf_counter()
     # stderr passes through, so warnings and tracebacks reach the terminal as they happen.
-    process = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    process = subprocess.run(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                             check=False)
     record: dict[str, Any] = {
         "command": " ".join(["python", *command[1:]]),
         "wall_time_s": time.perf_counter() - started,

@@ -1,0 +1,173 @@
+"""Smoke tests for ``benchmarks/``: each module runs at tiny sizes and keeps its JSON promise.
+
+No timing is asserted (timings belong to the benchmarks themselves); what is asserted is
+the shape of each result, the invariants a benchmark reports (bitwise-identical weights,
+no seed transitions where nothing may adapt, zero optimizer state copies) and that the
+report renders every section.  Results go to a temporary folder, never to
+``benchmarks/results``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+# ``benchmarks`` is a top-level folder of the repository, not part of the installed
+# package: make it importable however pytest was started.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import (
+    bench_checkpoint,
+    bench_epoch_boundary,
+    bench_growth,
+    bench_kasmina_overhead,
+    bench_optim_rebuild,
+    bench_trainer_overhead,
+    report,
+    run_all,
+)
+from benchmarks.common import (
+    RESULTS_ENV,
+    interleave,
+    quantile,
+    read_result,
+    rotated,
+)
+
+MACHINE_KEYS = {"cpu", "cores", "torch", "torch_threads", "load_average_1min"}
+
+
+@pytest.fixture(autouse=True)
+def results_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "results"
+    monkeypatch.setenv(RESULTS_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture
+def mnist1d_cache(tmp_path_factory, monkeypatch):
+    """Benchmarks load MNIST-1D through the default config; keep its cache out of $HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+def run_quick(module, name: str, capsys) -> dict:
+    """``main([--json, quick sizes])``: the printed object must equal the written file."""
+    result = module.main(["--json", *run_all.QUICK_ARGS[name]])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(json.dumps(result))
+    assert read_result(name) == printed
+    assert printed["benchmark"] == name
+    assert printed["machine"].keys() >= MACHINE_KEYS
+    assert printed["machine"]["torch_threads"] == 1
+    return printed
+
+
+def test_rotation_gives_every_contender_every_position():
+    names = ["a", "b", "c"]
+    firsts = {rotated(names, r)[0] for r in range(3)}
+    assert firsts == set(names)
+    calls = []
+    times = interleave({n: (lambda r, n=n: calls.append((r, n))) for n in names},
+                       rounds=2, warmup=1)
+    assert {n: len(t) for n, t in times.items()} == {"a": 2, "b": 2, "c": 2}
+    assert [c for c in calls if c[0] == 1] == [(1, "b"), (1, "c"), (1, "a")]
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+
+
+def test_trainer_overhead_weights_match_the_hand_written_loop(mnist1d_cache, capsys):
+    result = run_quick(bench_trainer_overhead, "trainer_overhead", capsys)
+    (workload,) = result["workloads"]
+    assert set(workload["median_epoch_ms"]) == {"tolaria", "tolaria_no_seeds", "hand_written"}
+    assert set(workload["ratio_vs_hand_written"]) == {"tolaria", "tolaria_no_seeds"}
+    # Dormant seeds and a controller that never adapts leave the computation untouched.
+    assert workload["seed_transitions"] == 0
+    assert workload["bitwise_identical_weights"] == {"tolaria": True, "tolaria_no_seeds": True}
+    accuracies = workload["final_val_accuracy"]
+    assert accuracies["tolaria"] == accuracies["hand_written"]
+
+
+def test_epoch_boundary_reports_every_part(mnist1d_cache, capsys):
+    result = run_quick(bench_epoch_boundary, "epoch_boundary", capsys)
+    (workload,) = result["workloads"]
+    for part in ("boundary", "boundary_without_snapshot", "packet", "tamiyo_step",
+                 "snapshot", "telemetry_flush"):
+        stats = workload["ms"][part]
+        assert stats["n"] == workload["epochs_recorded"] == 2
+        assert 0 <= stats["median"] <= stats["max"]
+    assert workload["ms"]["boundary_without_snapshot"]["max"] <= workload["ms"]["boundary"]["max"]
+    assert result["design_budget_ms"] == 18.0
+
+
+def test_growth_study_runs_all_five_contenders_and_plots(mnist1d_cache, capsys, results_dir):
+    result = run_quick(bench_growth, "growth", capsys)
+    contenders = {"small_static", "large_mlp", "cnn1d", "grown", "grown_retrained"}
+    assert set(result["summary"]) == contenders
+    assert result["seeds"] == [0, 1]
+    for row in result["summary"].values():
+        assert 0.0 <= row["test_accuracy_mean"] <= 1.0
+        assert row["params_mean"] > 0
+    for runs in result["runs"].values():
+        assert set(runs) == contenders
+        assert runs["grown_retrained"]["seed_transitions"] == 0
+        assert runs["large_mlp"]["params"] > runs["small_static"]["params"]
+    assert (results_dir / result["plot"]).stat().st_size > 0
+
+
+def test_retrained_structure_keeps_exactly_the_grown_blueprints():
+    structure = {"version": 1, "seeds": [
+        {"seed_id": "h.0", "state": "blending", "alpha": 0.5, "blueprint": "low_rank",
+         "blueprint_kwargs": {"rank": 2}, "chunk_shape": [8], "epochs_in_state": 1,
+         "clock": 7, "history": [{"epoch": 3}]},
+        {"seed_id": "h.1", "state": "culled", "alpha": 0.0, "blueprint": None,
+         "blueprint_kwargs": {}, "chunk_shape": [8], "epochs_in_state": 2, "clock": 9,
+         "history": [{"epoch": 4}]},
+    ]}
+    result = bench_growth.fossilized(structure)
+    kept, dropped = result["seeds"]
+    assert (kept["state"], kept["alpha"], kept["blueprint"]) == ("fossilized", 1.0, "low_rank")
+    assert kept["blueprint_kwargs"] == {"rank": 2}
+    assert (dropped["state"], dropped["blueprint"]) == ("dormant", None)
+    assert kept["history"] == dropped["history"] == []
+    assert structure["seeds"][0]["state"] == "blending"  # the grown record is not mutated
+    assert bench_growth.grafts(structure) == {"h.0": "low_rank (blending)"}
+
+
+def test_optim_rebuild_copies_no_state(capsys):
+    result = run_quick(bench_optim_rebuild, "optim_rebuild", capsys)
+    assert result["state_copies"] == 0 and result["state_tensors_checked"] > 0
+    assert {"no_change", "add", "remove", "torch_reload"} <= result["median_ms"].keys()
+
+
+def test_checkpoint_and_kasmina_overhead_results(capsys):
+    checkpoint = run_quick(bench_checkpoint, "checkpoint", capsys)
+    assert set(checkpoint["sizes"]) == {"1M", "10M"}
+    for size in checkpoint["sizes"].values():
+        assert {"capture_fresh", "rollback", "disk_save", "disk_restore"} <= size[
+            "median_ms"].keys()
+    kasmina = run_quick(bench_kasmina_overhead, "kasmina_overhead", capsys)
+    assert {"plain", "dormant"} <= kasmina["median_epoch_s"].keys()
+
+
+def test_report_renders_every_section_and_marks_missing_ones(tmp_path, mnist1d_cache,
+                                                             capsys):
+    run_quick(bench_epoch_boundary, "epoch_boundary", capsys)
+    path = report.write_report(tmp_path / "BENCHMARKS.md")
+    text = path.read_text()
+    for title, _ in report.SECTIONS.values():
+        assert f"## {title}" in text
+    assert "End-of-epoch hook, default job" in text
+    assert "design 18 ms" in text
+    assert text.count("_Not run yet._") == len(report.SECTIONS) - 1
+
+
+def test_run_all_runs_a_benchmark_in_a_child_process(tmp_path, mnist1d_cache, results_dir):
+    code = run_all.main(["--quick", "--only", "epoch_boundary",
+                         "--report", str(tmp_path / "BENCHMARKS.md")])
+    assert code == 0
+    record = read_result("run_all")
+    assert record["benchmarks"]["epoch_boundary"]["status"] == "ok"
+    assert read_result("epoch_boundary")["machine"]["torch_threads"] == 1
+    assert "make bench` wall time" in (tmp_path / "BENCHMARKS.md").read_text()
