@@ -210,8 +210,8 @@ def plot(per_seed: dict[int, dict[str, Any]], table: dict[str, dict[str, float]]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=60, help="epoch budget of every run")
-    parser.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1 (>= 3 claimed)")
+    parser.add_argument("--epochs", type=int, default=100, help="epoch budget of every run")
+    parser.add_argument("--seeds", type=int, default=5, help="run seeds 0..N-1 (>= 3)")
     parser.add_argument("--no-plot", action="store_true", help="skip growth.png")
 
 
