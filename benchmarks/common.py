@@ -16,6 +16,7 @@ The measurement discipline of ``benchmarks/`` (ARCHITECTURE §4):
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -49,6 +50,11 @@ def machine() -> dict[str, Any]:
         # Other processes on a 2-core machine distort timings: say how busy it was.
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
+
+
+def now() -> str:
+    """UTC time to the second, ISO 8601: when a result was produced."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -146,7 +152,7 @@ def bench_main(
     started = time.perf_counter()
     body = run(args)
     result = {"benchmark": name, "machine": machine(), **body,
-              "wall_time_s": time.perf_counter() - started}
+              "wall_time_s": time.perf_counter() - started, "finished": now()}
     write_result(name, result)
     if args.json:
         print(json.dumps(result))

@@ -273,6 +273,13 @@ def render(results: dict[str, Result], run_record: Result | None) -> str:
         if name not in results:
             lines.append("_Not run yet._")
             continue
+        last_run = (run_record or {}).get("benchmarks", {}).get(name, {})
+        if last_run.get("status", "ok") != "ok":
+            lines += [f"**The last `make bench` run of this benchmark failed "
+                      f"(exit code {last_run.get('returncode')}); the figures below are "
+                      f"from an earlier run.**", ""]
+        if "finished" in results[name]:
+            lines += [f"Measured {results[name]['finished']}.", ""]
         try:
             lines += render_section(results[name])
         except KeyError as missing:

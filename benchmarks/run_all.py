@@ -16,7 +16,6 @@ The run's own record (per-benchmark wall time, status, total) is written to
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, read_result, write_result
+from benchmarks.common import machine, now, read_result, write_result
 from benchmarks.report import REPORT_PATH, write_report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     run_record = {
         "benchmark": "run_all",
         "machine": machine(),
-        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "finished": now(),
         "quick": args.quick,
         "subset": list(names) if args.only else None,
         "benchmarks": records,
