@@ -64,10 +64,12 @@ class KasminaLayer(nn.Module):
         self._widths: list[int] = []
         self._split_points: tuple[int, ...] = ()
         self._reduce_dims: tuple[int, ...] = (0,)
+        self._row_dims: tuple[int, ...] = (1,)
         # Plain tensors, not buffers: model.half() must not shrink float64 accumulators.
         self._membership = torch.empty(0, dtype=torch.float64)
         self._activation_sums = torch.empty(0, dtype=torch.float64)
         self._grad_sq_sums = torch.empty(0, dtype=torch.float64)
+        self._scratch = torch.empty(0)
         self._samples = 0
         self._positions = 0
         self._grad_batches = 0
@@ -154,6 +156,7 @@ class KasminaLayer(nn.Module):
         self.channels, self._widths = channels, widths
         self._split_points = tuple(itertools.accumulate(widths[:-1]))
         self._reduce_dims = (0, *range(2, h.dim()))
+        self._row_dims = tuple(d + 1 for d in self._reduce_dims)
         self._reset_telemetry(h.device)
 
     # The first forward may be a validation pass: accumulators made there would be
@@ -174,9 +177,11 @@ class KasminaLayer(nn.Module):
         """Accumulate one training batch's statistics, if this batch is sampled.
 
         Only float ops on ``h`` (bool comparisons and ``count_nonzero`` are several times
-        slower on CPU): non-zeros are ``sum sign(|h|)``; ``|h| >= t`` is
-        ``sign(max(|h| - t_below, 0))`` with ``t_below`` the largest float of ``h``'s dtype
-        under ``t``, exact because no value of that dtype lies strictly between the two.
+        slower on CPU): non-zeros are ``sum sign(|h|)``; ``|h| >= t`` is ``|h| > t_below``,
+        counted as ``sum sign(threshold(|h|, t_below, 0))``, with ``t_below`` the largest
+        float of ``h``'s dtype under ``t``: exact, as no such float lies between the two.
+        On CPU the cost is per op, not per element, so the four statistics share one
+        reused scratch buffer and one reduction.
         """
         sampled = self._batches % self.interval == 0
         self._batches += 1
@@ -187,11 +192,16 @@ class KasminaLayer(nn.Module):
         x = h.detach()
         if x.dtype not in self._below_threshold:
             x = x.float()
-        dims = self._reduce_dims
-        magnitude = x.abs()
-        nonzero = magnitude.sign().sum(dims)  # before magnitude is reused in place
-        saturated = magnitude.sub_(self._below_threshold[x.dtype]).clamp_min_(0).sign_()
-        per_channel = torch.stack((x.sum(dims), x.square().sum(dims), nonzero, saturated.sum(dims)))
+        # Rows of one [4, *x.shape] buffer: x, x^2, |x| -> sign, |x| -> threshold -> sign;
+        # then a single reduction gives all four per-channel sums.
+        rows = self._scratch_like(x, 4)
+        rows[_SUM].copy_(x)
+        torch.mul(x, x, out=rows[_SUM_SQ])
+        counts = rows[_NONZERO:]
+        torch.abs(x.expand_as(counts), out=counts)
+        torch.threshold_(rows[_SATURATED], self._below_threshold[x.dtype], 0)
+        counts.sign_()
+        per_channel = rows.sum(self._row_dims)
         self._activation_sums.addmm_(per_channel.double(), self._membership)
         self._samples += x.shape[0]
         self._positions += x.numel() // self.channels
@@ -201,8 +211,19 @@ class KasminaLayer(nn.Module):
     def _observe_grad(self, g: torch.Tensor) -> None:
         if g.dtype not in self._below_threshold:
             g = g.float()
-        self._grad_sq_sums.addmv_(self._membership_t, g.square().sum(self._reduce_dims).double())
+        sum_sq = torch.mul(g, g, out=self._scratch_like(g, 1)[0]).sum(self._reduce_dims)
+        self._grad_sq_sums.addmv_(self._membership_t, sum_sq.double())
         self._grad_batches += 1
+
+    def _scratch_like(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """A ``[rows, *x.shape]`` view of a buffer kept across batches (grown, never shrunk)."""
+        size = rows * x.numel()
+        if self._scratch.numel() < size or (self._scratch.dtype, self._scratch.device) != (
+            x.dtype,
+            x.device,
+        ):
+            self._scratch = torch.empty(size, dtype=x.dtype, device=x.device)
+        return self._scratch[:size].view(rows, *x.shape)
 
 
 def _kasmina_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
