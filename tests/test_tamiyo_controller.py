@@ -39,6 +39,19 @@ class Host(nn.Module):
         return self.head(self.hidden[0](x))
 
 
+def tamiyo_config(**overrides) -> TamiyoConfig:
+    """The settings these scenarios rely on, spelled out (the tuned defaults may move)."""
+    settings = dict(
+        plateau_patience=2,
+        plateau_min_delta=1e-3,
+        max_active_seeds=2,
+        max_germinations_per_epoch=1,
+        min_training_epochs=3,
+        probation_epochs=1,
+    )
+    return TamiyoConfig(**{**settings, **overrides})
+
+
 class Rig:
     """A host, its seeds, a controller and an event recorder, driven epoch by epoch."""
 
@@ -51,7 +64,7 @@ class Rig:
         inject_seeds(self.model, KASMINA)
         self.events: list[tuple[str, dict]] = []
         self.controller = TamiyoController(
-            tamiyo or TamiyoConfig(),
+            tamiyo or tamiyo_config(),
             KASMINA,
             num_classes=3,
             host_parameters=host_parameters,
@@ -99,7 +112,7 @@ HURTS = lambda seed_id: EvalMetrics(loss=0.8, accuracy=0.7)  # noqa: E731  alpha
 
 
 def test_plateau_leads_to_germination_at_the_least_healthy_location():
-    rig = Rig(TamiyoConfig(plateau_patience=2))
+    rig = Rig(tamiyo_config(plateau_patience=2))
     assert rig.epoch(0).adaptations == ()
     assert rig.controller.health_map[DEAD_CHUNK].dead_fraction == 1.0
     assert rig.controller.health_map["hidden.0.0"].dead_fraction < 1.0
@@ -127,7 +140,7 @@ def grow_to_probation(rig: Rig) -> int:
 
 
 def test_seed_that_helps_is_fossilized_after_its_full_trial():
-    rig = Rig(TamiyoConfig(plateau_patience=2, min_training_epochs=3, max_active_seeds=1))
+    rig = Rig(tamiyo_config(plateau_patience=2, min_training_epochs=3, max_active_seeds=1))
     probation_epoch = grow_to_probation(rig)
     seed = rig.seed(DEAD_CHUNK)
     # germinated at 2, trained 3..5, blended 6 (alpha 1/2), probation (alpha 1) from 7
@@ -148,7 +161,7 @@ def test_seed_that_helps_is_fossilized_after_its_full_trial():
 
 
 def test_seed_that_hurts_is_culled_and_its_graft_penalised():
-    rig = Rig(TamiyoConfig(plateau_patience=2, max_active_seeds=1, cull_penalty=5.0))
+    rig = Rig(tamiyo_config(plateau_patience=2, max_active_seeds=1, cull_penalty=5.0))
     probation_epoch = grow_to_probation(rig)
     signal = rig.epoch(probation_epoch + 1, ablated=HURTS)
     seed = rig.seed(DEAD_CHUNK)
@@ -175,7 +188,7 @@ def test_seed_that_hurts_is_culled_and_its_graft_penalised():
 
 
 def test_optimizer_rebuild_flag_is_exactly_a_change_of_trainable_parameters():
-    rig = Rig(TamiyoConfig(plateau_patience=1, max_active_seeds=2, min_training_epochs=1))
+    rig = Rig(tamiyo_config(plateau_patience=1, max_active_seeds=2, min_training_epochs=1))
 
     def trainable():
         names = {n for n, p in rig.model.named_parameters() if p.requires_grad}
@@ -222,7 +235,7 @@ def restore(rig: Rig, snap: dict) -> None:
 
 
 def test_repeated_failure_stops_the_run_with_a_clear_error():
-    rig = Rig(TamiyoConfig(max_repeated_failures=3))
+    rig = Rig(tamiyo_config(max_repeated_failures=3))
     rig.epoch(0)
     saved = snapshot(rig)
     for _ in range(2):  # roll back, replay, fail again at the same epoch
@@ -237,7 +250,7 @@ def test_repeated_failure_stops_the_run_with_a_clear_error():
 
 
 def test_incident_memory_survives_rollback_and_the_suspect_graft_is_not_replayed():
-    rig = Rig(TamiyoConfig(plateau_patience=2, min_training_epochs=5, incident_lookback_epochs=3))
+    rig = Rig(tamiyo_config(plateau_patience=2, min_training_epochs=5, incident_lookback_epochs=3))
     for epoch in range(4):
         rig.epoch(epoch)  # grafts residual_mlp at the dead chunk at epoch 2
     assert rig.seed(DEAD_CHUNK).state is SeedState.TRAINING
@@ -260,7 +273,7 @@ def test_incident_memory_survives_rollback_and_the_suspect_graft_is_not_replayed
 
 
 def test_save_load_round_trip_gives_identical_subsequent_decisions():
-    config = TamiyoConfig(plateau_patience=1, min_training_epochs=2, max_active_seeds=2)
+    config = tamiyo_config(plateau_patience=1, min_training_epochs=2, max_active_seeds=2)
     original = Rig(config)
     script = [
         dict(loss=1.0 - 0.01 * (e % 3), acc=0.6, ablated=HELPS if e % 3 else HURTS)
@@ -299,7 +312,7 @@ class WrongShape(Blueprint):
 def test_failed_germination_is_logged_penalised_and_the_seed_stays_dormant():
     register_blueprint(WrongShape(), replace=True)
     try:
-        rig = Rig(TamiyoConfig(plateau_patience=2, blueprints=["wrong_shape", "low_rank"]))
+        rig = Rig(tamiyo_config(plateau_patience=2, blueprints=["wrong_shape", "low_rank"]))
         for epoch in range(3):
             signal = rig.epoch(epoch)
         assert signal.adaptations == () and not signal.optimizer_rebuild_required
@@ -315,7 +328,7 @@ def test_failed_germination_is_logged_penalised_and_the_seed_stays_dormant():
 
 def test_configuration_mistakes_are_named():
     with pytest.raises(ConfigError, match="unknown blueprint"):
-        Rig(TamiyoConfig(blueprints=["no_such_blueprint"]))
-    rig = Rig(TamiyoConfig(plateau_patience=1, blueprint_kwargs={"residual_mlp": {"bogus": 1}}))
+        Rig(tamiyo_config(blueprints=["no_such_blueprint"]))
+    rig = Rig(tamiyo_config(plateau_patience=1, blueprint_kwargs={"residual_mlp": {"bogus": 1}}))
     with pytest.raises(ConfigError, match=r"tamiyo\.blueprint_kwargs\.residual_mlp"):
         rig.epoch(0)

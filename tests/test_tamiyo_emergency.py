@@ -30,6 +30,7 @@ def detector(**overrides) -> EmergencyDetector:
         divergence_factor=3.0,
         divergence_epochs=1,
         divergence_window=5,
+        divergence_loss_floor=0.05,
     )
     settings.update(overrides)
     return EmergencyDetector(**settings)
@@ -64,6 +65,15 @@ def test_divergence_reference_is_the_recent_window_only():
         assert d.check(packet(epoch, loss)) is None
     # 0.4 has left the window: 2.5 is < 3 x 1.0 (but > 3 x 0.4).
     assert d.check(packet(3, 2.5)) is None
+
+
+def test_a_fitted_model_does_not_diverge_below_the_loss_floor():
+    d = detector()
+    for epoch, loss in enumerate([1e-3, 2e-5, 1e-5]):
+        assert d.check(packet(epoch, loss, acc=1.0)) is None
+    assert d.check(packet(3, 4e-4, acc=1.0)) is None  # 40 x best, but < 3 x floor
+    emergency = d.check(packet(4, 0.2, acc=0.9))  # > 3 x floor 0.05
+    assert emergency is not None and "recent best 0.05" in emergency.reason
 
 
 def test_collapse_to_chance_only_after_learning():

@@ -19,6 +19,21 @@ HW = HardwareContext("cpu", "cpu", 2, 0, 0, 0)
 OPTIONS = (GraftOption("residual_mlp", 100), GraftOption("low_rank", 20))
 
 
+def config(**overrides) -> TamiyoConfig:
+    """The settings these tests rely on, spelled out (the tuned defaults may move)."""
+    settings = dict(
+        plateau_patience=2,
+        max_active_seeds=2,
+        max_germinations_per_epoch=1,
+        min_training_epochs=3,
+        probation_epochs=1,
+        min_epochs_before_growth=0,
+        fossilize_min_gain=0.0,
+        fossilize_min_loss_gain=1e-3,
+    )
+    return TamiyoConfig(**{**settings, **overrides})
+
+
 def telemetry(seed_id: str, dead=0.0, saturated=0.0, grad=1.0) -> SeedTelemetry:
     return SeedTelemetry(seed_id, 0, 10, 0.5, 0.1, dead, saturated, grad)
 
@@ -48,7 +63,7 @@ def observe(seeds, plateau=2, budget=1000, **packet_kwargs) -> Observation:
 
 
 def test_plateau_germinates_least_healthy_location_then_trains_it():
-    policy = HeuristicPolicy(TamiyoConfig())
+    policy = HeuristicPolicy(config())
     seeds = [
         dormant("a.0", telemetry("a.0", dead=0.1, grad=1.0)),
         dormant("a.1", telemetry("a.1", dead=0.8, grad=0.5)),
@@ -65,20 +80,20 @@ def test_plateau_germinates_least_healthy_location_then_trains_it():
 
 def test_no_growth_without_plateau_or_before_min_epoch():
     seeds = [dormant("a.0", telemetry("a.0"))]
-    assert HeuristicPolicy(TamiyoConfig(plateau_patience=3)).decide(observe(seeds)) == []
-    late = TamiyoConfig(min_epochs_before_growth=6)
+    assert HeuristicPolicy(config(plateau_patience=3)).decide(observe(seeds)) == []
+    late = config(min_epochs_before_growth=6)
     assert HeuristicPolicy(late).decide(observe(seeds, epoch=5)) == []
     assert HeuristicPolicy(late).decide(observe(seeds, epoch=6)) != []
 
 
 def test_ties_go_to_registration_order_and_blueprint_preference():
     same = [dormant(f"a.{i}", telemetry(f"a.{i}")) for i in (3, 1, 2)]
-    decisions = HeuristicPolicy(TamiyoConfig()).decide(observe(same))
+    decisions = HeuristicPolicy(config()).decide(observe(same))
     assert (decisions[0].seed_id, decisions[0].blueprint) == ("a.3", "residual_mlp")
 
 
 def test_budget_active_limit_and_forbidden_graft_are_respected():
-    policy = HeuristicPolicy(TamiyoConfig(max_active_seeds=2))
+    policy = HeuristicPolicy(config(max_active_seeds=2))
     sick = dormant("a.0", telemetry("a.0", dead=0.9))
     # The preferred blueprint does not fit the budget: the cheaper one is grafted.
     decisions = policy.decide(observe([sick], budget=50))
@@ -95,7 +110,7 @@ def test_budget_active_limit_and_forbidden_graft_are_respected():
 
 
 def test_cull_penalty_moves_growth_elsewhere():
-    policy = HeuristicPolicy(TamiyoConfig())
+    policy = HeuristicPolicy(config())
     penalised = tuple(GraftOption(o.blueprint, o.param_cost, penalty=1.0) for o in OPTIONS)
     seeds = [
         dormant("a.0", telemetry("a.0", dead=0.5), penalised),
@@ -105,7 +120,7 @@ def test_cull_penalty_moves_growth_elsewhere():
 
 
 def test_several_germinations_per_epoch_when_allowed():
-    policy = HeuristicPolicy(TamiyoConfig(max_germinations_per_epoch=3, max_active_seeds=2))
+    policy = HeuristicPolicy(config(max_germinations_per_epoch=3, max_active_seeds=2))
     seeds = [dormant(f"a.{i}", telemetry(f"a.{i}", dead=i / 10)) for i in range(4)]
     grafted = [d.seed_id for d in policy.decide(observe(seeds)) if d.blueprint and
                d.to_state is SeedState.GERMINATED]
@@ -113,7 +128,7 @@ def test_several_germinations_per_epoch_when_allowed():
 
 
 def test_lifecycle_advances_on_evidence():
-    policy = HeuristicPolicy(TamiyoConfig(min_training_epochs=3, probation_epochs=1))
+    policy = HeuristicPolicy(config(min_training_epochs=3, probation_epochs=1))
     seeds = [
         on_trial("s.0", SeedState.GERMINATED, epochs=0),
         on_trial("s.1", SeedState.TRAINING, epochs=2),
@@ -138,7 +153,7 @@ def test_lifecycle_advances_on_evidence():
     ],
 )
 def test_probation_judged_on_counterfactual(ablated, expected):
-    policy = HeuristicPolicy(TamiyoConfig())
+    policy = HeuristicPolicy(config())
     seeds = [on_trial("s.0", SeedState.PROBATIONARY, epochs=1, alpha=1.0)]
     obs = observe(seeds, plateau=0, acc=0.7, loss=0.9, counterfactual={"s.0": ablated})
     (decision,) = policy.decide(obs)
@@ -148,7 +163,7 @@ def test_probation_judged_on_counterfactual(ablated, expected):
 
 
 def test_probation_waits_for_evidence_and_implicated_seed_is_culled():
-    policy = HeuristicPolicy(TamiyoConfig())
+    policy = HeuristicPolicy(config())
     waiting = [on_trial("s.0", SeedState.PROBATIONARY, epochs=3, alpha=1.0)]
     assert policy.decide(observe(waiting, plateau=0)) == []
     implicated = [on_trial("s.0", SeedState.TRAINING, epochs=0, implicated=True)]
@@ -157,7 +172,7 @@ def test_probation_waits_for_evidence_and_implicated_seed_is_culled():
 
 
 def test_culling_frees_a_slot_for_growth_in_the_same_epoch():
-    policy = HeuristicPolicy(TamiyoConfig(max_active_seeds=1))
+    policy = HeuristicPolicy(config(max_active_seeds=1))
     seeds = [
         on_trial("s.0", SeedState.PROBATIONARY, epochs=1, alpha=1.0),
         dormant("s.1", telemetry("s.1")),

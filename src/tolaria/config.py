@@ -146,6 +146,8 @@ class TamiyoConfig(Section):
     divergence_factor: float = Field(3.0, gt=1.0)
     divergence_epochs: int = Field(1, ge=1)
     divergence_window: int = Field(5, ge=1)
+    #: Losses below this are "fitted": the divergence reference never goes lower.
+    divergence_loss_floor: float = Field(0.05, ge=0.0)
     #: Collapse: validation accuracy at or below ``1 / num_classes + collapse_margin``.
     collapse_margin: float = Field(0.02, ge=0.0)
     #: Decisions this many epochs before an incident are its suspects (never replayed).

@@ -87,6 +87,7 @@ class TamiyoController:
             divergence_factor=config.divergence_factor,
             divergence_epochs=config.divergence_epochs,
             divergence_window=config.divergence_window,
+            divergence_loss_floor=config.divergence_loss_floor,
         )
         self.incidents = IncidentMemory()
         self.decisions = DecisionLog(self._emit, config.outcome_horizon)
@@ -163,7 +164,7 @@ class TamiyoController:
                 alpha=seed.alpha,
                 blueprint=seed.blueprint_name,
                 param_count=seed.param_count(),
-                telemetry=self._health.get(seed_id),
+                telemetry=packet.health_map.get(seed_id),
                 options=self._graft_options(seed),
                 implicated=self.incidents.is_forbidden(seed_id, seed.blueprint_name),
             )

@@ -4,8 +4,10 @@ Three emergencies end an epoch with ``emergency_rollback_required``:
 
 * ``nonfinite_loss`` -- the training or validation loss is NaN or infinite;
 * ``divergence`` -- the validation loss exceeds ``divergence_factor`` times the best
-  validation loss of the last ``divergence_window`` epochs, for ``divergence_epochs``
-  consecutive epochs;
+  validation loss of the last ``divergence_window`` epochs (or times
+  ``divergence_loss_floor``, whichever is larger), for ``divergence_epochs`` consecutive
+  epochs.  The floor keeps a model that fits its data almost perfectly from "diverging"
+  when its loss wobbles from 1e-5 to 1e-4;
 * ``collapse`` -- validation accuracy falls to chance, ``1 / num_classes +
   collapse_margin``, after the model had once been above it.
 
@@ -49,11 +51,13 @@ class EmergencyDetector:
         divergence_factor: float,
         divergence_epochs: int,
         divergence_window: int,
+        divergence_loss_floor: float,
     ) -> None:
         self.chance = 1.0 / num_classes
         self.collapse_margin = collapse_margin
         self.divergence_factor = divergence_factor
         self.divergence_epochs = divergence_epochs
+        self.divergence_loss_floor = divergence_loss_floor
         self.recent_losses: deque[float] = deque(maxlen=divergence_window)
         self.spike_epochs = 0
         self.best_accuracy = -math.inf
@@ -83,17 +87,15 @@ class EmergencyDetector:
                 f"(<= {floor:.4f}) after reaching {self.best_accuracy:.4f}",
             )
 
-        spike = bool(self.recent_losses) and (
-            packet.validation_loss > self.divergence_factor * min(self.recent_losses)
-        )
-        if spike:
+        reference = max(min(self.recent_losses, default=math.inf), self.divergence_loss_floor)
+        if packet.validation_loss > self.divergence_factor * reference:
             self.spike_epochs += 1
             if self.spike_epochs >= self.divergence_epochs:
                 return Emergency(
                     "divergence",
                     epoch,
                     f"validation loss {packet.validation_loss:.4g} > {self.divergence_factor} x "
-                    f"recent best {min(self.recent_losses):.4g} for {self.spike_epochs} epoch(s)",
+                    f"recent best {reference:.4g} for {self.spike_epochs} epoch(s)",
                 )
             # A spike still within tolerance is not folded into the history: it must
             # not become the reference that hides a sustained divergence.
