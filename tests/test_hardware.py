@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import pytest
@@ -28,10 +29,15 @@ def test_cpu_context_fields():
 def test_rss_is_read_fresh_each_call():
     monitor = HardwareMonitor("cpu")
     before = monitor.current().process_rss_bytes
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
+    # A fresh anonymous mapping with every page written: new resident memory, whatever
+    # the allocators have cached from earlier tests.
+    size = 64 * 2**20
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        block[offset] = 1
     after = monitor.current().process_rss_bytes
+    block.close()
     assert after - before >= 32 * 2**20
-    del block
 
 
 def test_resolve_device_cpu_paths(monkeypatch):
