@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/tolaria train --run-dir runs/demo
+	$(BIN)/tolaria train
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
