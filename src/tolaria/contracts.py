@@ -164,8 +164,23 @@ class SystemStatePacket(_JsonMixin):
         )
 
 
+class _StateChange(_JsonMixin):
+    """JSON for records that carry a ``from_state`` -> ``to_state`` move."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)  # type: ignore[call-overload]
+        data["from_state"] = self.from_state.value  # type: ignore[attr-defined]
+        data["to_state"] = self.to_state.value  # type: ignore[attr-defined]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        moves = {key: SeedState(data[key]) for key in ("from_state", "to_state")}
+        return cls(**{**data, **moves})
+
+
 @dataclass(frozen=True)
-class Adaptation(_JsonMixin):
+class Adaptation(_StateChange):
     """One command Tamiyo issued to one seed this epoch, and why."""
 
     seed_id: str
@@ -174,21 +189,16 @@ class Adaptation(_JsonMixin):
     reason: str
     blueprint: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["from_state"] = self.from_state.value
-        data["to_state"] = self.to_state.value
-        return data
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Adaptation:
-        return cls(
-            seed_id=data["seed_id"],
-            from_state=SeedState(data["from_state"]),
-            to_state=SeedState(data["to_state"]),
-            reason=data["reason"],
-            blueprint=data.get("blueprint"),
-        )
+@dataclass(frozen=True)
+class TransitionRecord(_StateChange):
+    """One move in a seed's own history; ``blueprint`` is the one held when it happened."""
+
+    epoch: int
+    from_state: SeedState
+    to_state: SeedState
+    reason: str
+    blueprint: str | None = None
 
 
 @dataclass(frozen=True)

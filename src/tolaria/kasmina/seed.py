@@ -23,46 +23,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tolaria.config import KasminaConfig
-from tolaria.contracts import LEGAL_TRANSITIONS, SeedState
+from tolaria.contracts import LEGAL_TRANSITIONS, SeedState, TransitionRecord
 from tolaria.errors import BlueprintError, IllegalTransitionError
 from tolaria.kasmina.blueprints import get_blueprint
 
 if TYPE_CHECKING:
     from tolaria.kasmina.layer import KasminaLayer
-
-
-@dataclass(frozen=True)
-class TransitionRecord:
-    """One move of a seed's lifecycle; ``blueprint`` is the one held when it happened."""
-
-    epoch: int
-    from_state: SeedState
-    to_state: SeedState
-    reason: str
-    blueprint: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["from_state"] = self.from_state.value
-        data["to_state"] = self.to_state.value
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TransitionRecord:
-        return cls(
-            epoch=data["epoch"],
-            from_state=SeedState(data["from_state"]),
-            to_state=SeedState(data["to_state"]),
-            reason=data["reason"],
-            blueprint=data.get("blueprint"),
-        )
 
 
 def blend_alpha(progress: float, schedule: str) -> float:
