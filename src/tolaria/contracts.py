@@ -54,7 +54,7 @@ LEGAL_TRANSITIONS: Mapping[SeedState, frozenset[SeedState]] = {
 
 
 class _JsonMixin:
-    """``to_json``/``from_json`` on top of each class's ``to_dict``/``from_dict``."""
+    """``to_dict``/``from_dict`` and ``to_json``/``from_json`` for a frozen dataclass."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -63,8 +63,13 @@ class _JsonMixin:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Flat records rebuild from their fields; nested ones override this."""
+        return cls(**data)
+
+    @classmethod
     def from_json(cls, text: str):
-        return cls.from_dict(json.loads(text))  # type: ignore[attr-defined]
+        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -81,16 +86,13 @@ class HardwareContext(_JsonMixin):
     cuda_memory_reserved_bytes: int | None = None
     cuda_memory_total_bytes: int | None = None
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HardwareContext:
-        return cls(**data)
-
 
 @dataclass(frozen=True)
 class SeedTelemetry(_JsonMixin):
     """One epoch of monitoring for one seed's chunk, read off the device once per epoch.
 
-    Statistics are over every element of the chunk seen in training forward passes:
+    Statistics are over every element of the chunk in the sampled training batches
+    (every ``KasminaConfig.telemetry_interval``-th batch; ``samples`` counts those):
     ``dead_fraction`` counts exact zeros, ``saturated_fraction`` counts magnitudes at or
     above the layer's saturation threshold, ``grad_norm`` is the root-mean-square over
     batches of the L2 norm of the loss gradient reaching the chunk.
@@ -105,10 +107,6 @@ class SeedTelemetry(_JsonMixin):
     saturated_fraction: float
     grad_norm: float
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SeedTelemetry:
-        return cls(**data)
-
 
 @dataclass(frozen=True)
 class EvalMetrics(_JsonMixin):
@@ -116,10 +114,6 @@ class EvalMetrics(_JsonMixin):
 
     loss: float
     accuracy: float
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvalMetrics:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
