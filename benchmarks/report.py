@@ -94,8 +94,17 @@ def headline_rows(results: dict[str, Result]) -> list[list[str]]:
                      f"({growth['epochs']} epochs, {len(growth['seeds'])} seeds)",
                      f"{mean_std(grown, 'test_accuracy', '.1%')} at "
                      f"{grown['params_mean']:,.0f} params",
-                     f"{others}; paper: {refs}", "see growth study"])
+                     f"{others}; paper: {refs}", growth_verdict(summary)])
     return rows
+
+
+def growth_verdict(summary: dict[str, dict[str, float]]) -> str:
+    """Grown vs the small static host and vs its own architecture retrained, in points."""
+    grown = summary["grown"]["test_accuracy_mean"]
+    parts = [f"{(grown - summary[name]['test_accuracy_mean']) * 100:+.1f} pts vs {label}"
+             for name, label in (("small_static", "(a)"), ("grown_retrained", "(e)"))
+             if name in summary]
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- detail sections
