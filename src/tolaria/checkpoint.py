@@ -136,10 +136,15 @@ def restore_snapshot(
         restore_rng_state(snapshot.rng)
 
 
+_ATOMS = (int, float, str, bool, type(None))
+
+
 def _private_copy(tree: Any, reuse: Any = None) -> Any:
     """Deep copy of nested containers; every tensor becomes a contiguous CPU copy sharing
     storage with nothing (safetensors needs both).  A tensor at the same place in ``reuse``
     with the same shape and dtype receives the copy instead of a new buffer."""
+    if isinstance(tree, _ATOMS):
+        return tree  # immutable: nothing to copy (and the RNG state is 625 of them)
     if isinstance(tree, Tensor):
         source = tree.detach()
         if isinstance(reuse, Tensor) and (reuse.shape, reuse.dtype) == (source.shape, source.dtype):
@@ -148,6 +153,8 @@ def _private_copy(tree: Any, reuse: Any = None) -> Any:
     if isinstance(tree, dict):
         pool = reuse if isinstance(reuse, dict) else {}
         return {k: _private_copy(v, pool.get(k)) for k, v in tree.items()}
+    if isinstance(tree, tuple) and all(isinstance(v, _ATOMS) for v in tree):
+        return tree  # an immutable tuple of immutables is its own copy
     if isinstance(tree, list | tuple):
         pool = reuse if isinstance(reuse, list | tuple) and len(reuse) == len(tree) else ()
         items = [_private_copy(v, r) for v, r in itertools.zip_longest(tree, pool)]
