@@ -10,15 +10,8 @@ report renders every section.  Results go to a temporary folder, never to
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-# ``benchmarks`` is a top-level folder of the repository, not part of the installed
-# package: make it importable however pytest was started.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks import (
     bench_checkpoint,
     bench_epoch_boundary,
