@@ -48,6 +48,9 @@ from tolaria.rundir import RunDirectory
 #: this keeps it far from every batch while still stopping a diverged epoch early.
 NONFINITE_CHECK_INTERVAL = 32
 
+#: Reusable "no autocast" context: one object instead of one per batch.
+_NO_AUTOCAST = contextlib.nullcontext()
+
 
 class TolariaTrainer:
     """Owns the loops, the data, the optimizer and the cadence of the Tamiyo controller."""
@@ -77,6 +80,8 @@ class TolariaTrainer:
         self.progress: ProgressReporter = progress or NullProgress()
         self.loss_fn = nn.CrossEntropyLoss()
         self.amp = config.run.amp and self.device.type == "cuda"
+        # Loaders yield CPU tensors: only another device needs a copy per batch.
+        self._move_batches = self.device.type != "cpu"
 
         self.optimizer_manager = DynamicOptimizerManager(
             self.model,
@@ -170,8 +175,9 @@ class TolariaTrainer:
         loss_sum = torch.zeros((), device=self.device)
         batches = 0
         for x, y in self.train_loader:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            if self._move_batches:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
             with self._autocast():
                 loss = self.loss_fn(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -203,8 +209,9 @@ class TolariaTrainer:
         totals = torch.zeros(len(variants), 2, device=self.device)
         count = 0
         for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            if self._move_batches:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
             for row, seed_id in enumerate(variants):
                 scope = ablated(self.model, [seed_id]) if seed_id else contextlib.nullcontext()
                 with scope, self._autocast():
@@ -226,7 +233,7 @@ class TolariaTrainer:
     def _autocast(self):
         if self.amp:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return _NO_AUTOCAST
 
     # ------------------------------------------------------------------ end-of-epoch hook
     def _assemble_system_state(
