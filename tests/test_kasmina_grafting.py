@@ -26,7 +26,14 @@ from tolaria.kasmina import (
     unregister_blueprint,
 )
 
-BUILTINS = ["conv1d_residual", "conv2d_residual", "low_rank", "residual_mlp", "se_gate"]
+BUILTINS = [
+    "conv1d_residual",
+    "conv2d_residual",
+    "low_rank",
+    "residual_mlp",
+    "se_gate",
+    "signal_conv1d",
+]
 
 
 def task_loss(output: torch.Tensor) -> torch.Tensor:
@@ -224,3 +231,18 @@ def test_blueprint_follows_host_dtype(dtype):
     assert {p.dtype for p in seeds[0].parameters()} == {dtype}
     assert seeds[0].param_count() == 2 * 4 * 3 + 3 + 4
     assert torch.equal(model(x.to(dtype)), plain.to(dtype)(x.to(dtype)))
+
+
+def test_signal_conv1d_is_shift_equivariant_over_features():
+    """It reads a flat chunk as a signal: shifting the features shifts the delta (away from
+    the zero-padded borders), which no dense blueprint does."""
+    torch.manual_seed(0)
+    delta = get_blueprint("signal_conv1d").build((40,), hidden=8, kernel_size=5)
+    for p in delta.parameters():
+        nn.init.normal_(p)  # give the zeroed output conv weights, so the delta is non-trivial
+    x = torch.randn(3, 40)
+    shifted = delta(torch.roll(x, 3, dims=1))
+    expected = torch.roll(delta(x), 3, dims=1)
+    # Receptive field 2 * (k // 2) = 4 on each side: positions 7..35 see no border or wrap.
+    torch.testing.assert_close(shifted[:, 7:36], expected[:, 7:36])
+    assert not torch.allclose(shifted, delta(x))

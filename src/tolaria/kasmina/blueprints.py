@@ -158,6 +158,39 @@ class Conv2dResidual(_ConvResidual):
     name, spatial_dims, conv = "conv2d_residual", 2, nn.Conv2d
 
 
+class _AsSignal(nn.Module):
+    """Run ``body`` on ``[batch, L]`` features viewed as a one-channel signal ``[batch, 1, L]``."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.body(h.unsqueeze(1)).squeeze(1)
+
+
+class SignalConv1d(Blueprint):
+    """``conv1d_residual`` on a flat chunk of ``L`` ordered features, read as a signal.
+
+    ``d(h) = conv(H->1, k)(relu(conv(1->H, k)(h)))`` over the feature axis, second conv
+    zeroed: ``H`` shift-equivariant feature detectors, so a seed on a flat input whose
+    features are positions (a time series, e.g. MNIST-1D) adds the inductive bias a dense
+    layer lacks.  Only meaningful where feature order means something, i.e. on inputs, not
+    on hidden units.  Cost ``(H*k + H) + (H*k + 1)``; ``hidden`` defaults to 32.
+    """
+
+    name = "signal_conv1d"
+
+    def supports(self, chunk_shape: ChunkShape) -> bool:
+        return len(chunk_shape) == 1
+
+    def build(self, chunk_shape: ChunkShape, hidden: int = 32, kernel_size: int = 5) -> nn.Module:
+        return _AsSignal(Conv1dResidual().build((1, chunk_shape[0]), hidden, kernel_size))
+
+    def param_cost(self, chunk_shape: ChunkShape, hidden: int = 32, kernel_size: int = 5) -> int:
+        return Conv1dResidual().param_cost((1, chunk_shape[0]), hidden, kernel_size)
+
+
 class SqueezeExcitationDelta(nn.Module):
     """``d(h) = h * tanh(g(mean_spatial(h)))``: a per-channel gain in ``(0, 2)`` once added."""
 
@@ -230,5 +263,12 @@ def available_blueprints() -> list[str]:
     return sorted(_REGISTRY)
 
 
-for _builtin in (ResidualMLP(), LowRank(), Conv1dResidual(), Conv2dResidual(), SqueezeExcitation()):
+for _builtin in (
+    ResidualMLP(),
+    LowRank(),
+    Conv1dResidual(),
+    Conv2dResidual(),
+    SignalConv1d(),
+    SqueezeExcitation(),
+):
     register_blueprint(_builtin)
