@@ -147,19 +147,41 @@ def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
     snapshot = rollback["snapshot"]
     assert snapshot.epoch == poison_epoch - 1
     assert rollback["global_step"] == snapshot.global_step
-    assert rollback["weights"].keys() == snapshot.model.keys()
-    for name, tensor in rollback["weights"].items():
-        assert torch.equal(tensor, snapshot.model[name]), name
-    assert rollback["structure"] == snapshot.structure
     grown = [s for s in snapshot.structure["seeds"] if s["state"] != SeedState.DORMANT.value]
     assert grown, "the run should have grown before the incident"
     assert any(".blueprint." in name for name in snapshot.model)  # grafted weights restored
 
+    # Restored bit-exactly -- except the seeds on trial at the incident, which the
+    # controller culls before the epoch is replayed (each one logged as an adaptation).
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text()
+              .splitlines()]
+    amended = {e["seed_id"] for e in events
+               if e["event"] == "adaptation" and "incident" in e["reason"]}
+    on_trial = {s["seed_id"] for s in snapshot.structure["seeds"]
+                if s["state"] not in ("dormant", "culled", "fossilized")}
+    assert amended == on_trial and amended, "some seed should be on trial at the incident"
+
+    prefixes = tuple(
+        "{}.kasmina.seeds.{}.".format(*sid.rsplit(".", 1)) for sid in amended
+    )
+
+    def owned_by_amended(name: str) -> bool:
+        return bool(prefixes) and name.startswith(prefixes)
+
+    kept = {name for name in snapshot.model if not owned_by_amended(name)}
+    assert set(rollback["weights"]) == kept
+    for name in kept:
+        assert torch.equal(rollback["weights"][name], snapshot.model[name]), name
+    for before, after in zip(snapshot.structure["seeds"], rollback["structure"]["seeds"],
+                             strict=True):
+        if before["seed_id"] in amended:
+            assert after["state"] == "culled"
+        else:
+            assert after == before
+
     assert summary["status"] == "completed" and summary["rollbacks"] == 1
     assert summary["epochs"] == tiny_config.run.epochs
     assert math.isfinite(summary["final_val_loss"])
-    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text()
-              .splitlines()]
     assert [e["restored_epoch"] for e in events if e["event"] == "rollback"] == [poison_epoch - 1]
 
 

@@ -34,6 +34,10 @@ class ScriptedController:
         self.steps += 1
         return self.signals.get(packet.current_epoch, AdaptationSignal())
 
+    def on_rollback(self, restored_epoch):
+        self.calls.append(("on_rollback", restored_epoch))
+        return AdaptationSignal()
+
     def save_state_dict(self):
         return {"steps": self.steps}
 

@@ -107,6 +107,7 @@ class TolariaTrainer:
         self.wall_time_before = 0.0  # seconds spent before a resume
         self._started = time.perf_counter()
         self._last_durable_epoch: int | None = None
+        self._rollbacks_at: dict[int, int] = {}  # incident epoch -> rollbacks it caused
         self.last_record: dict[str, Any] | None = None
         # The state before any training: what an incident in the first epoch rolls back to.
         self.snapshots.push(self._capture(epoch=-1))
@@ -266,13 +267,29 @@ class TolariaTrainer:
             self._last_durable_epoch = epoch
 
     def restore_from_checkpoint(self, reason: str) -> None:
-        """Emergency rollback: the newest snapshot older than this epoch, whole system."""
+        """Emergency rollback of the whole system to the newest snapshot older than this
+        epoch -- or, when this epoch already failed after such a rollback, one epoch further
+        back per repeat: damage done in an epoch that passed the checks lives in its snapshot.
+        """
         incident_epoch = self.current_epoch
-        snapshot = self.snapshots.newest_before(incident_epoch)
+        depth = self._rollbacks_at.get(incident_epoch, 0)
+        self._rollbacks_at[incident_epoch] = depth + 1
+        snapshot = None
+        for back in range(depth, -1, -1):  # as far back as asked, or the oldest we hold
+            snapshot = self.snapshots.newest_before(incident_epoch - back)
+            if snapshot is not None:
+                break
         if snapshot is None:
             raise CheckpointError(f"rollback at epoch {incident_epoch}: no snapshot to restore")
         restore_snapshot(snapshot, self.model, self.optimizer_manager, self.tamiyo)
+        # The controller removes what its incident memory implicates, so the epoch is not
+        # replayed bit for bit into the same failure.
+        amends = self.tamiyo.on_rollback(snapshot.epoch)
+        if amends.optimizer_rebuild_required:
+            self.optimizer_manager.rebuild_optimizer()
         self.optimizer = self.optimizer_manager.get_optimizer()
+        for adaptation in amends.adaptations:
+            self._event("adaptation", epoch=incident_epoch, **adaptation.to_dict())
         self._load_state(snapshot, resume=False)
         self.rollbacks += 1
         self.progress.note(

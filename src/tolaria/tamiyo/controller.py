@@ -6,6 +6,7 @@ Per epoch (design §2, Figures 1-2)::
     seeds_to_evaluate()        PROBATIONARY seeds, whose counterfactual Tolaria measures
     step(packet)               emergency check -> plateau tracking -> due outcomes ->
                                each seed's on_epoch_end -> policy decisions -> commands
+    on_rollback(epoch)         after Tolaria restored a snapshot: cull implicated grafts
 
 ``step`` returns an :class:`AdaptationSignal`.  ``emergency_rollback_required`` is set
 by :mod:`tolaria.tamiyo.emergency` and then nothing else happens that epoch;
@@ -282,8 +283,16 @@ class TamiyoController:
             packet.validation_loss,
             packet.validation_accuracy,
         )
+        # Suspects: what the recent decisions grafted or advanced, and every seed still on
+        # trial -- a graft made long ago can fail when it starts blending in.
+        on_trial = {
+            (sid, seed.blueprint_name)
+            for sid, seed in self._seeds.items()
+            if seed.state.is_active and seed.blueprint_name
+        }
         grafts = sorted(
-            {(r.seed_id, r.blueprint) for r in suspects if r.blueprint and r.action != "culled"}
+            on_trial
+            | {(r.seed_id, r.blueprint) for r in suspects if r.blueprint and r.action != "culled"}
         )
         count = self.incidents.record(emergency, grafts)
         self._emit(
@@ -307,6 +316,30 @@ class TamiyoController:
         return AdaptationSignal(
             emergency_rollback_required=True,
             reason=f"{emergency.kind} at epoch {emergency.epoch}: {emergency.reason}",
+        )
+
+    def on_rollback(self, restored_epoch: int) -> AdaptationSignal:
+        """Apply the incident memory to the structure a rollback just restored.
+
+        The restored snapshot predates the incident, so it may still hold the graft that
+        caused it; replaying it unchanged would replay the failure bit for bit.  Every seed
+        on trial whose graft is forbidden is culled now, before the epoch runs again.
+        """
+        adaptations = []
+        for seed_id, seed in self._seeds.items():
+            blueprint = seed.blueprint_name
+            if seed.state.is_active and self.incidents.is_forbidden(seed_id, blueprint):
+                reason = "implicated in an incident; culled before the epoch is replayed"
+                from_state = seed.state
+                seed.transition(SeedState.CULLED, epoch=restored_epoch, reason=reason)
+                self._penalise(seed_id, blueprint)
+                adaptations.append(
+                    Adaptation(seed_id, from_state, SeedState.CULLED, reason, blueprint)
+                )
+        return AdaptationSignal(
+            optimizer_rebuild_required=bool(adaptations),
+            reason="; ".join(f"{a.seed_id} -> culled" for a in adaptations),
+            adaptations=tuple(adaptations),
         )
 
     # ------------------------------------------------------------------ state
