@@ -98,6 +98,12 @@ def test_kill_9_mid_run_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     events = [json.loads(line) for line in (killed_dir / "events.jsonl").read_text().splitlines()]
     resume_events = [e for e in events if e["event"] == "resume"]
     assert [e["checkpoint_epoch"] for e in resume_events] == [3]
+    # The epochs run again after the resume are logged once: no decision twice.
+    decisions = [e["decision_id"] for e in events if e["event"] == "decision"]
+    assert decisions and len(decisions) == len(set(decisions))
+    reference_events = (reference_dir / "events.jsonl").read_text().splitlines()
+    reference_decisions = [json.loads(line) for line in reference_events]
+    assert decisions == [e["decision_id"] for e in reference_decisions if e["event"] == "decision"]
 
 
 def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(

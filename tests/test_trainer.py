@@ -191,3 +191,21 @@ def test_users_own_model_gets_seeds_and_trains(tiny_config, tiny_data):
     assert summary["best_val_accuracy"] > 0.5
     # The host's own parameter names are untouched by injection.
     assert {"encoder.0.weight", "classifier.weight"} <= set(dict(trainer.model.named_parameters()))
+
+
+def test_a_torn_last_record_is_ignored_and_rewind_drops_later_epochs(tmp_path, tiny_config):
+    from tolaria.rundir import RunDirectory
+
+    run = RunDirectory.create(tmp_path / "run", tiny_config)
+    for epoch in range(4):
+        run.log_metrics({"epoch": epoch, "val_accuracy": 0.5})
+        run.log_event("decision", epoch=epoch, decision_id=f"d{epoch}")
+    run.log_event("note")  # events without an epoch are kept
+    with open(run.path / "metrics.jsonl", "a") as stream:
+        stream.write('{"epoch": 4, "val_acc')  # killed mid-write
+    assert [m["epoch"] for m in run.metrics()] == [0, 1, 2, 3]
+
+    run.rewind(1)
+
+    assert [m["epoch"] for m in run.metrics()] == [0, 1]
+    assert [e.get("decision_id") for e in run.events()] == ["d0", "d1", None]

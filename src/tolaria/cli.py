@@ -79,8 +79,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer
 
-    run_dir, config_file = RunDirectory.open_existing(args.run_dir)
-    config = load_config(config_file)
+    run_dir, config = RunDirectory.open_existing(args.run_dir)
     trainer = build_trainer(config, run_dir=run_dir, progress=_progress(config, console))
     epoch = trainer.resume(
         on_skip=lambda path, reason: console.print(f"[yellow]skipping checkpoint {path}: {reason}")

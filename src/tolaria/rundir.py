@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tolaria.config import TolariaConfig
-from tolaria.errors import ConfigError
+from tolaria.config import TolariaConfig, load_config
+from tolaria.errors import CheckpointError, ConfigError
 
 
 def _jsonable(value: Any) -> Any:
@@ -51,6 +51,7 @@ class RunDirectory:
         self.checkpoint_dir = self.path / "checkpoints"
         self._tensorboard = tensorboard
         self._writer = None
+        self._purge_step: int | None = None  # set by rewind() when a run resumes
 
     @classmethod
     def create(cls, path: Path, config: TolariaConfig) -> RunDirectory:
@@ -70,13 +71,14 @@ class RunDirectory:
             )
 
     @classmethod
-    def open_existing(cls, path: Path) -> tuple[RunDirectory, Path]:
-        """An earlier run's folder and its config file, for `tolaria resume`."""
+    def open_existing(cls, path: Path) -> tuple[RunDirectory, TolariaConfig]:
+        """An earlier run's folder and the configuration it ran with, for `tolaria resume`."""
         path = Path(path)
         config_file = path / "config.yaml"
         if not config_file.exists():
             raise ConfigError(f"{path}: not a run directory (no config.yaml)")
-        return cls(path), config_file
+        config = load_config(config_file)
+        return cls(path, tensorboard=config.run.tensorboard), config
 
     @staticmethod
     def default_path(config: TolariaConfig) -> Path:
@@ -103,12 +105,18 @@ class RunDirectory:
     def events(self) -> list[dict[str, Any]]:
         return self._read("events.jsonl")
 
-    def truncate_metrics(self, last_epoch: int) -> None:
-        """Drop per-epoch records after ``last_epoch``: a resumed run re-runs those epochs."""
-        kept = [m for m in self.metrics() if m["epoch"] <= last_epoch]
-        tmp = self.path / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(_jsonable(m)) + "\n" for m in kept))
-        os.replace(tmp, self.path / "metrics.jsonl")
+    def rewind(self, last_epoch: int) -> None:
+        """Forget the records of epochs after ``last_epoch``: a resumed run runs them again.
+
+        Metrics and events of later epochs are dropped (so no decision or outcome is logged
+        twice) and TensorBoard purges its scalars from ``last_epoch + 1`` on.
+        """
+        for name in ("metrics.jsonl", "events.jsonl"):
+            kept = [r for r in self._read(name) if r.get("epoch", last_epoch) <= last_epoch]
+            tmp = self.path / f".{name}.tmp"
+            tmp.write_text("".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in kept))
+            os.replace(tmp, self.path / name)
+        self._purge_step = last_epoch + 1
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)
@@ -128,11 +136,22 @@ class RunDirectory:
         file = self.path / name
         if not file.exists():
             return []
-        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        lines = [line for line in file.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise CheckpointError(f"{file}: line {number} is not JSON") from None
+                # A last line cut short by a crash mid-write: the record never completed.
+        return records
 
     def _tb(self):
         if self._tensorboard and self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
-            self._writer = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+            self._writer = SummaryWriter(
+                log_dir=str(self.path / "tensorboard"), purge_step=self._purge_step
+            )
         return self._writer

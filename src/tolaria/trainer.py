@@ -308,8 +308,8 @@ class TolariaTrainer:
         self._load_state(snapshot, resume=True)
         self._last_durable_epoch = snapshot.epoch
         self.snapshots.push(snapshot)
-        self.run_dir.truncate_metrics(snapshot.epoch)
-        self._event("resume", epoch=self.current_epoch, checkpoint_epoch=snapshot.epoch)
+        self.run_dir.rewind(snapshot.epoch)
+        self._event("resume", epoch=snapshot.epoch, checkpoint_epoch=snapshot.epoch)
         return self.current_epoch
 
     def _capture(self, *, epoch: int, reuse=None):
