@@ -233,3 +233,19 @@ def test_user_dataset_bundle_is_used_as_is():
 def test_bad_dataset_references_are_config_errors(dataset, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         load_data(DataConfig(dataset=dataset, kwargs=kwargs), seed=0)
+
+
+def test_loader_workers_never_draw_from_the_global_rng(tmp_path):
+    """Starting worker processes must not move torch's global RNG (resume exactness)."""
+    from tolaria.config import DataConfig
+    from tolaria.data import DataBundle, make_loaders
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3), torch.arange(64) % 2)
+    bundle = DataBundle("t", data, data, None, (3,), 2)
+    config = DataConfig(batch_size=16, num_workers=1, cache_dir=str(tmp_path))
+    loaders = make_loaders(bundle, config, seed=0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for _ in loaders.train:
+        pass
+    assert torch.equal(torch.get_rng_state(), before)

@@ -169,19 +169,23 @@ def make_loaders(bundle: DataBundle, config: DataConfig, seed: int) -> Loaders:
     sampler = EpochShuffleSampler(len(bundle.train), seed)  # type: ignore[arg-type]
 
     def in_order(dataset: Dataset) -> DataLoader:
-        return _loader(dataset, SequentialSampler(dataset), config)  # type: ignore[arg-type]
+        return _loader(dataset, SequentialSampler(dataset), config, seed)  # type: ignore[arg-type]
 
     return Loaders(
-        train=_loader(bundle.train, sampler, config),
+        train=_loader(bundle.train, sampler, config, seed),
         train_sampler=sampler,
         val=in_order(bundle.val),
         test=None if bundle.test is None else in_order(bundle.test),
     )
 
 
-def _loader(dataset: Dataset, sampler: Sampler[int], config: DataConfig) -> DataLoader:
+def _loader(dataset: Dataset, sampler: Sampler[int], config: DataConfig, seed: int) -> DataLoader:
     common: dict[str, Any] = {
         "num_workers": config.num_workers,
+        # Worker seeds come from the loader's own generator, never the global torch RNG:
+        # otherwise starting workers would shift every later random draw, and a resumed
+        # run (which starts them at another epoch) would diverge from the original.
+        "generator": torch.Generator().manual_seed(seed),
         # Pinned pages only pay off when batches are copied to a GPU.
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": config.num_workers > 0,
