@@ -246,3 +246,25 @@ def test_signal_conv1d_is_shift_equivariant_over_features():
     # Receptive field 2 * (k // 2) = 4 on each side: positions 7..35 see no border or wrap.
     torch.testing.assert_close(shifted[:, 7:36], expected[:, 7:36])
     assert not torch.allclose(shifted, delta(x))
+
+
+def test_a_training_seed_that_overflows_cannot_poison_the_host():
+    """Straight-through must return the host's value even where the delta is inf/NaN."""
+    from tolaria.config import KasminaConfig
+    from tolaria.contracts import SeedState
+    from tolaria.kasmina import find_seeds, inject_seeds
+
+    host = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())
+    inject_seeds(host, KasminaConfig(layers=["1"], chunks=1))
+    x = torch.randn(5, 4)
+    expected = host(x).detach()
+    seed = find_seeds(host)[0]
+    seed.germinate("residual_mlp", epoch=0)
+    seed.transition(SeedState.TRAINING, epoch=0, reason="test")
+    with torch.no_grad():
+        for parameter in seed.blueprint.parameters():
+            parameter.fill_(float("inf"))
+    out = host(x)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert torch.isfinite(host[0].weight.grad).all()

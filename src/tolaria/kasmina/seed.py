@@ -3,15 +3,17 @@
 The forward of a chunk ``h`` (``d`` is the blueprint's delta module)::
 
     DORMANT, CULLED, GERMINATED    h
-    TRAINING                       h + (d(h') - d(h').detach())    h' = h.detach()
+    TRAINING                       h, with d(h') receiving h's gradient    h' = h.detach()
     BLENDING                       h + alpha * d(h')               alpha ramps 0 -> 1
     PROBATIONARY                   h + d(h')                       alpha = 1
     FOSSILIZED                     h + d(h)                        part of the host
 
 TRAINING is straight-through: the value is the host's, so the host's output and its
 gradients are exactly what they would be without the seed, while ``d`` receives the loss
-gradient at the host output.  Until FOSSILIZED the seed's input is detached, so a seed on
-trial never changes the host's gradients through its own input path.
+gradient at the host output.  (A custom autograd function, not ``h + (d - d.detach())``:
+that evaluates to NaN wherever ``d`` overflows, letting a seed on trial poison the host.)
+Until FOSSILIZED the seed's input is detached, so a seed on trial never changes the
+host's gradients through its own input path.
 
 Epoch counting is order-independent: a state entered at epoch boundary ``e`` has lived
 no epoch yet, so ``on_epoch_end(e)`` does not count for it; each later, distinct
@@ -35,6 +37,19 @@ from tolaria.kasmina.blueprints import get_blueprint
 
 if TYPE_CHECKING:
     from tolaria.kasmina.layer import KasminaLayer
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the host chunk ``h`` exactly.  Backward: ``h``'s gradient goes to both."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        ctx.d_dtype = d.dtype
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad.to(ctx.d_dtype)
 
 
 def blend_alpha(progress: float, schedule: str) -> float:
@@ -121,7 +136,7 @@ class KasminaSeed(nn.Module):
             return h + delta(h)
         d = delta(h.detach())
         if state is SeedState.TRAINING:
-            return h + (d - d.detach())
+            return _StraightThrough.apply(h, d)
         if state is SeedState.BLENDING:
             return h + self.alpha * d
         return h + d  # PROBATIONARY
