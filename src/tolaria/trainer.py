@@ -320,8 +320,9 @@ class TolariaTrainer:
             "params_initial": self.params_initial,
             "wall_time_s": self.wall_time_before + time.perf_counter() - self._started,
             "last_record": self.last_record,
-            # The data order is a pure function of (seed, epoch): the epoch is its whole state.
-            "data_epoch": epoch + 1,
+            # The data order is a pure function of (seed, epoch); the sampler's state also
+            # lets a resume notice that the dataset or the seed changed under it.
+            "data_order": self.loaders.train_sampler.state_dict(),
         }
         return capture_snapshot(
             self.model,
@@ -342,6 +343,7 @@ class TolariaTrainer:
         self.best_val_accuracy = extra["best_val_accuracy"]
         self.last_record = extra["last_record"]
         if resume:
+            self.loaders.train_sampler.load_state_dict(extra["data_order"])
             self.rollbacks = extra["rollbacks"]
             self.params_initial = extra["params_initial"]
             self.wall_time_before = extra["wall_time_s"]
