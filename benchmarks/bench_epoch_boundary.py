@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.common import bench_main, median, quantile
+from benchmarks.common import add_mlp_workloads, bench_main, median, mlp_workloads, quantile
 from tolaria.build import build_trainer
 from tolaria.config import load_config
 from tolaria.hosts import count_parameters
@@ -124,18 +124,14 @@ def measure(hidden: list[int], epochs: int) -> dict[str, Any]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument(
-        "--hosts", default="32,32;256,256",
-        help="MLP hidden widths per workload, ';' between workloads (default: %(default)s)",
-    )
+    add_mlp_workloads(parser)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    workloads = [[int(w) for w in spec.split(",")] for spec in args.hosts.split(";")]
     return {
         "design_budget_ms": DESIGN_BUDGET_MS,
         "goal_ms": GOAL_MS,
-        "workloads": [measure(hidden, args.epochs) for hidden in workloads],
+        "workloads": [measure(hidden, args.epochs) for hidden in mlp_workloads(args)],
     }
 
 

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import bench_main, interleave, median, paired_ratio
+from benchmarks.common import (
+    add_mlp_workloads,
+    bench_main,
+    interleave,
+    median,
+    mlp_workloads,
+    paired_ratio,
+)
 from tolaria.build import build_trainer, seed_everything
 from tolaria.config import TolariaConfig, load_config
 from tolaria.data import DataBundle, load_data, make_loaders
@@ -138,17 +145,13 @@ def measure(hidden: list[int], epochs: int) -> dict[str, Any]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=31, help="epochs (the first is warm-up)")
-    parser.add_argument(
-        "--hosts", default="32,32;256,256",
-        help="MLP hidden widths per workload, ';' between workloads (default: %(default)s)",
-    )
+    add_mlp_workloads(parser)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    workloads = [[int(w) for w in spec.split(",")] for spec in args.hosts.split(";")]
     return {
         "goal_ratio": GOAL_RATIO,
-        "workloads": [measure(hidden, args.epochs) for hidden in workloads],
+        "workloads": [measure(hidden, args.epochs) for hidden in mlp_workloads(args)],
     }
 
 

@@ -107,6 +107,18 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def add_mlp_workloads(parser: argparse.ArgumentParser) -> None:
+    """``--hosts 32,32;256,256``: the MLP hidden widths of each workload."""
+    parser.add_argument(
+        "--hosts", default="32,32;256,256",
+        help="MLP hidden widths per workload, ';' between workloads (default: %(default)s)",
+    )
+
+
+def mlp_workloads(args: argparse.Namespace) -> list[list[int]]:
+    return [[int(w) for w in spec.split(",")] for spec in args.hosts.split(";")]
+
+
 def results_dir() -> Path:
     """Where results go: ``$TOLARIA_BENCH_RESULTS`` if set, else ``benchmarks/results``."""
     return Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
