@@ -168,13 +168,17 @@ def _private_copy(tree: Any, reuse: Any = None) -> Any:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy (global), torch CPU and, when present, every CUDA device's generator."""
+    """Python, NumPy (global), torch CPU and, once CUDA is in use, every CUDA generator.
+
+    A CPU run on a GPU machine never initialises CUDA: asking for its RNG states would
+    create a context on every visible device, every epoch, for nothing.
+    """
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(legacy=False),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [t.cpu() for t in torch.cuda.get_rng_state_all()]
     return state
 
