@@ -370,6 +370,11 @@ class TolariaTrainer:
         self.last_record = record
         for adaptation in signal.adaptations:
             self._event("adaptation", epoch=packet.current_epoch, **adaptation.to_dict())
+            blueprint = f" ({adaptation.blueprint})" if adaptation.blueprint else ""
+            self.progress.note(
+                f"epoch {packet.current_epoch}: {adaptation.seed_id}{blueprint} "
+                f"{adaptation.from_state.value} -> {adaptation.to_state.value}: {adaptation.reason}"
+            )
         if self.run_dir is not None:
             self.run_dir.log_metrics(record)
         self.progress.end_epoch(record)
