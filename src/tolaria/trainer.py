@@ -161,7 +161,8 @@ class TolariaTrainer:
         self.current_epoch = epoch + 1
         if signal.optimizer_rebuild_required:
             self.optimizer = self.optimizer_manager.rebuild_optimizer()
-            self._event("optimizer_rebuild", epoch=epoch, manifest_size=len(self._manifest()))
+            trained = len(self.optimizer_manager.manifest())
+            self._event("optimizer_rebuild", epoch=epoch, parameters_trained=trained)
         self.optimizer_manager.end_epoch(global_metrics.loss)
         # Snapshot last: it must hold the rebuilt optimizer (a restore needs an entry for
         # every trainable parameter) and the stepped schedule (or a resume runs one behind).
@@ -382,9 +383,6 @@ class TolariaTrainer:
     def _event(self, kind: str, **fields: Any) -> None:
         if self.run_dir is not None:
             self.run_dir.log_event(kind, **fields)
-
-    def _manifest(self) -> dict[str, str]:
-        return self.optimizer_manager.manifest()
 
     def summary(self, *, status: str = "completed", error: str | None = None) -> dict[str, Any]:
         last = self.last_record or {}
