@@ -110,6 +110,11 @@ def test_horizon_fills_missing_arguments_and_per_group_peaks() -> None:
     host_peak, seed_peak = (max(lrs) for lrs in zip(*trace, strict=True))
     assert host_peak > 0.3
     assert seed_peak == pytest.approx(host_peak * 0.5)
+    # Without max_lr, the cycle peaks at the optimizer's configured lr (0.1 here).
+    trace, _ = lr_trace(SchedulerConfig(name="OneCycleLR", interval="step"))
+    host_peak, seed_peak = (max(lrs) for lrs in zip(*trace, strict=True))
+    assert 0.09 < host_peak <= 0.1
+    assert seed_peak == pytest.approx(host_peak * 0.5)
 
 
 def test_plateau_steps_on_the_epoch_loss_even_with_step_interval() -> None:

@@ -80,7 +80,8 @@ def build_scheduler(
 
     Arguments the config leaves out are filled from the run's horizon (in scheduler steps:
     optimizer steps when ``interval == "step"``, epochs otherwise): ``total_steps`` for
-    OneCycleLR (unless ``epochs`` is given) and ``T_max`` for CosineAnnealingLR.
+    OneCycleLR (unless ``epochs`` is given) and ``T_max`` for CosineAnnealingLR; OneCycleLR's
+    ``max_lr`` defaults to the optimizer's configured ``lr``.
     A wrong name or argument is a ``ConfigError``.
     """
     if config.name is None:
@@ -98,6 +99,8 @@ def build_scheduler(
             kwargs["total_steps"] = horizon
         if "T_max" in accepted and "T_max" not in kwargs:
             kwargs["T_max"] = horizon
+    if "max_lr" in accepted and "max_lr" not in kwargs:
+        kwargs["max_lr"] = optimizer.param_groups[0]["lr"]  # OneCycleLR peaks at optimizer.lr
     for arg in _PER_GROUP_LR_ARGS:
         value = kwargs.get(arg)
         if arg in accepted and isinstance(value, numbers.Real):
