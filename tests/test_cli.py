@@ -123,3 +123,14 @@ def test_a_bad_host_leaves_no_run_directory_behind(tmp_path, capsys):
     assert code == 2
     assert "model.kwargs" in capsys.readouterr().err
     assert not run.exists()  # the same command, corrected, can be run again as is
+
+
+def test_resuming_a_completed_run_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(load_config().to_yaml())
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["resume", str(run)]) == 0
+    assert "already completed" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before

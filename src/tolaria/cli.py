@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -80,6 +81,10 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer
 
     run_dir, config = RunDirectory.open_existing(args.run_dir)
+    summary_file = run_dir.path / "summary.json"
+    if summary_file.exists() and json.loads(summary_file.read_text()).get("status") == "completed":
+        console.print(f"{run_dir.path} already completed its {config.run.epochs} epochs")
+        return 0
     trainer = build_trainer(config, run_dir=run_dir, progress=_progress(config, console))
     epoch = trainer.resume(
         on_skip=lambda path, reason: console.print(f"[yellow]skipping checkpoint {path}: {reason}")
