@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs
     try:
         if args.command == "config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")
