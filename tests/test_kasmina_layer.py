@@ -181,3 +181,32 @@ def test_default_config_fits_every_builtin_host(host, input_shape, chunk_shape):
         seed.germinate(name, epoch=0)
         seed.transition(SeedState.CULLED, epoch=0, reason="next")
         seed.transition(SeedState.DORMANT, epoch=0, reason="next")
+
+
+def test_a_training_seed_reports_its_delta_size_relative_to_its_chunk():
+    from tolaria.kasmina import find_seeds, inject_seeds
+
+    host = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    inject_seeds(host, KasminaConfig(layers=["1"], chunks=1, telemetry_interval=1))
+    x = torch.randn(8, 4)
+    host(x)
+    seed = find_seeds(host)[0]
+    seed.germinate("low_rank", epoch=0)
+    seed.transition(SeedState.TRAINING, epoch=0, reason="test")
+    seed.blueprint = _Scale(3.0)  # a known delta: d(h) = 3h
+    host(x)
+    (record,) = host[1].kasmina.flush_telemetry(epoch=0)
+    assert record.delta_ratio == pytest.approx(3.0, rel=1e-6)
+    host.eval()
+    host(x)  # evaluation passes do not count
+    (record,) = host[1].kasmina.flush_telemetry(epoch=1)
+    assert record.delta_ratio is None
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, h):
+        return self.factor * h

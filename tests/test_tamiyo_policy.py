@@ -189,3 +189,19 @@ def test_culling_frees_a_slot_for_growth_in_the_same_epoch():
 def test_unknown_policy_is_a_config_error():
     with pytest.raises(ConfigError, match=r"tamiyo\.policy"):
         make_policy(TamiyoConfig(policy="oracle"))
+
+
+def test_a_seed_whose_delta_outgrew_its_chunk_is_culled_not_blended():
+    policy = HeuristicPolicy(config(max_delta_ratio=2.0))
+
+    def training(seed_id, ratio):
+        tel = SeedTelemetry(seed_id, 0, 10, 0.5, 0.1, 0.0, 0.0, 1.0, delta_ratio=ratio)
+        return SeedView(seed_id, SeedState.TRAINING, 3, 0.0, "low_rank", 20, tel, ())
+
+    decisions = policy.decide(
+        observe([training("a.0", 0.5), training("a.1", 8.0)], plateau=0)
+    )
+    moves = {d.seed_id: d.to_state for d in decisions}
+    assert moves == {"a.0": SeedState.BLENDING, "a.1": SeedState.CULLED}
+    culled = next(d for d in decisions if d.seed_id == "a.1")
+    assert "8.00x" in culled.reason and culled.evidence["delta_ratio"] == 8.0

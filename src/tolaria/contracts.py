@@ -106,6 +106,8 @@ class SeedTelemetry(_JsonMixin):
     dead_fraction: float
     saturated_fraction: float
     grad_norm: float
+    #: RMS of a TRAINING seed's delta over RMS of its chunk this epoch (None otherwise).
+    delta_ratio: float | None = None
 
 
 @dataclass(frozen=True)

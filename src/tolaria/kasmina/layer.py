@@ -124,6 +124,7 @@ class KasminaLayer(nn.Module):
                     grad_norm=math.sqrt(grad_sq[i] / self._grad_batches)
                     if self._grad_batches
                     else 0.0,
+                    delta_ratio=seed.flush_delta_ratio(),
                 )
             )
         self._reset_telemetry(self._activation_sums.device)

@@ -122,6 +122,17 @@ class HeuristicPolicy:
         if seed.state is SeedState.GERMINATED:
             return Decision(seed.seed_id, SeedState.TRAINING, "grafted", seed.blueprint)
         if seed.state is SeedState.TRAINING and seed.epochs_in_state >= cfg.min_training_epochs:
+            ratio = seed.telemetry.delta_ratio if seed.telemetry else None
+            if ratio is not None and ratio > cfg.max_delta_ratio:
+                # Blending it in would add a correction larger than the signal it corrects.
+                return Decision(
+                    seed.seed_id,
+                    SeedState.CULLED,
+                    f"delta grew to {ratio:.2f}x its chunk in training "
+                    f"(tamiyo.max_delta_ratio={cfg.max_delta_ratio})",
+                    seed.blueprint,
+                    {"delta_ratio": ratio},
+                )
             return Decision(
                 seed.seed_id,
                 SeedState.BLENDING,
