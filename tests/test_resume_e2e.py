@@ -207,6 +207,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_refuses_when_none_is_valid
     _, newest = CheckpointStore(run_dir / "checkpoints", keep=2).checkpoints()
     tensors = newest / "tensors.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-1000])  # a torn write or a bad disk
+    (run_dir / "summary.json").unlink()  # as if killed before the end: resumable
     capsys.readouterr()
 
     assert cli.main(["resume", str(run_dir)]) == 0
@@ -218,6 +219,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_refuses_when_none_is_valid
 
     for checkpoint in CheckpointStore(run_dir / "checkpoints", keep=2).checkpoints():
         (checkpoint / "manifest.json").write_text("{}")
+    (run_dir / "summary.json").unlink()
     before = _tree(run_dir)
     capsys.readouterr()
     assert cli.main(["resume", str(run_dir)]) == 1

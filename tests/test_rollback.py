@@ -36,10 +36,8 @@ def bomb():
     unregister_blueprint("test_bomb")
 
 
-def test_a_graft_that_diverges_is_rolled_back_culled_and_the_run_recovers(
-    tiny_config, tiny_data, tmp_path, bomb
-):
-    config = tiny_config
+def bomb_growth(config, bomb):
+    """Grow a bomb at every plateau, as fast as the lifecycle allows, never keep one."""
     config.run.epochs = 12
     config.checkpoint.every_epochs = 0
     config.kasmina.blend_epochs = 1
@@ -50,6 +48,14 @@ def test_a_graft_that_diverges_is_rolled_back_culled_and_the_run_recovers(
     config.tamiyo.max_active_seeds = 1
     config.tamiyo.max_germinations_per_epoch = 1
     config.tamiyo.fossilize_min_gain = 1.0  # nothing is ever kept: every bomb stays on trial
+    return config
+
+
+def test_a_graft_that_diverges_is_rolled_back_culled_and_the_run_recovers(
+    tiny_config, tiny_data, tmp_path, bomb
+):
+    config = bomb_growth(tiny_config, bomb)
+    config.tamiyo.max_delta_ratio = 1e30  # let the bombs reach BLENDING: test the rollback
     trainer = build_trainer(config, data=tiny_data, run_dir=tmp_path / "run")
 
     summary = trainer.train()
@@ -68,3 +74,15 @@ def test_a_graft_that_diverges_is_rolled_back_culled_and_the_run_recovers(
     # up to the repeated-failure limit.
     assert max(e["count"] for e in incidents) < config.tamiyo.max_repeated_failures
     assert torch.isfinite(torch.tensor(summary["final_val_loss"]))
+
+
+def test_the_size_check_culls_a_bomb_before_it_is_blended(tiny_config, tiny_data, tmp_path, bomb):
+    config = bomb_growth(tiny_config, bomb)
+    trainer = build_trainer(config, data=tiny_data, run_dir=tmp_path / "run")
+    summary = trainer.train()
+    assert summary["status"] == "completed"
+    assert summary["rollbacks"] == 0  # never blended, so never exploded
+    moves = [e for e in trainer.run_dir.events() if e["event"] == "adaptation"]
+    assert not [e for e in moves if e["to_state"] == "blending"]
+    size_culls = [e for e in moves if e["to_state"] == "culled" and "delta grew" in e["reason"]]
+    assert size_culls and all(e["from_state"] == "training" for e in size_culls)

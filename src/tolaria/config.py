@@ -134,7 +134,7 @@ class TamiyoConfig(Section):
     health_weight_saturated: float = Field(1.0, ge=0.0)
     health_weight_gradient: float = Field(1.0, ge=0.0)
     min_training_epochs: int = Field(2, ge=1)
-    #: A seed whose delta grew past this multiple of its chunk's RMS while TRAINING (where
+    #: A seed whose delta grew past this multiple of its layer's RMS while TRAINING (where
     #: it never reaches the loss, so nothing holds it back) is culled instead of blended.
     #: Measured on the default job: helpful grafts ~0.5, grafts that wrecked the host 3-23.
     max_delta_ratio: float = Field(2.0, gt=0.0)

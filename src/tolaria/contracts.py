@@ -106,7 +106,8 @@ class SeedTelemetry(_JsonMixin):
     dead_fraction: float
     saturated_fraction: float
     grad_norm: float
-    #: RMS of a TRAINING seed's delta over RMS of its chunk this epoch (None otherwise).
+    #: RMS of a TRAINING seed's delta over the RMS of its layer's output this epoch
+    #: (None when the seed did not train).
     delta_ratio: float | None = None
 
 

@@ -107,6 +107,8 @@ class KasminaLayer(nn.Module):
         k = len(self.seeds)
         rows = [values[r * k : (r + 1) * k] for r in range(4)]
         grad_sq = values[4 * k :]
+        elements = self._positions * sum(self._widths)
+        layer_rms = math.sqrt(sum(rows[_SUM_SQ]) / elements) if elements else 0.0
         records = []
         for i, seed in enumerate(self.seeds):
             n = self._positions * self._widths[i]
@@ -124,7 +126,7 @@ class KasminaLayer(nn.Module):
                     grad_norm=math.sqrt(grad_sq[i] / self._grad_batches)
                     if self._grad_batches
                     else 0.0,
-                    delta_ratio=seed.flush_delta_ratio(),
+                    delta_ratio=seed.flush_delta_ratio(layer_rms),
                 )
             )
         self._reset_telemetry(self._activation_sums.device)

@@ -82,8 +82,8 @@ class KasminaSeed(nn.Module):
         self.clock = -1
         self.history: list[TransitionRecord] = []
         self.ablated = False
-        # Sum of squares of the delta and of the chunk over this epoch's TRAINING batches,
-        # on the device (read once per epoch by the layer's telemetry flush).
+        # Sum of squares and count of the delta's elements over this epoch's TRAINING
+        # batches, on the device (read once per epoch by the layer's telemetry flush).
         self._delta_energy: torch.Tensor | None = None
         # Follows model.to(device/dtype) without entering the state_dict: where blueprints go.
         self.register_buffer("_probe", torch.empty(0), persistent=False)
@@ -140,30 +140,34 @@ class KasminaSeed(nn.Module):
         d = delta(h.detach())
         if state is SeedState.TRAINING:
             if self.training:
-                self._watch_size(h, d)
+                self._watch_size(d)
             return _StraightThrough.apply(h, d)
         if state is SeedState.BLENDING:
             return h + self.alpha * d
         return h + d  # PROBATIONARY
 
     @torch.no_grad()
-    def _watch_size(self, h: torch.Tensor, d: torch.Tensor) -> None:
-        """Accumulate the delta's and the chunk's energy.  In TRAINING the delta never
-        reaches the loss, so nothing stops it growing; the controller reads the ratio
-        before blending it in."""
-        energy = torch.stack((d.float().square().sum(), h.float().square().sum()))
+    def _watch_size(self, d: torch.Tensor) -> None:
+        """Accumulate the delta's energy and size.  In TRAINING the delta never reaches the
+        loss, so nothing stops it growing; the controller checks it before blending."""
+        energy = torch.stack((d.float().square().sum(), d.new_tensor(d.numel(), dtype=torch.float)))
         if self._delta_energy is None or self._delta_energy.device != energy.device:
             self._delta_energy = torch.zeros(2, dtype=torch.float64, device=energy.device)
         self._delta_energy += energy
 
-    def flush_delta_ratio(self) -> float | None:
-        """RMS of the delta over RMS of the chunk in this epoch's TRAINING batches (one
-        device read), then reset; None if the seed did not train."""
+    def flush_delta_ratio(self, reference_rms: float) -> float | None:
+        """RMS of the delta in this epoch's TRAINING batches over ``reference_rms`` (the
+        layer's activation RMS), then reset; None if the seed did not train.  The whole
+        layer is the yardstick, not the chunk: a dead chunk has RMS 0 and is where growth
+        is most wanted."""
         if self._delta_energy is None:
             return None
-        delta_sq, chunk_sq = self._delta_energy.tolist()
+        delta_sq, count = self._delta_energy.tolist()
         self._delta_energy = None
-        return math.sqrt(delta_sq / chunk_sq) if chunk_sq > 0 else math.inf
+        delta_rms = math.sqrt(delta_sq / count) if count else 0.0
+        if delta_rms == 0.0:
+            return 0.0
+        return delta_rms / reference_rms if reference_rms > 0 else math.inf
 
     # -- internals shared with structure replay ---------------------------------------
 

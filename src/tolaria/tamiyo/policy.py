@@ -128,7 +128,7 @@ class HeuristicPolicy:
                 return Decision(
                     seed.seed_id,
                     SeedState.CULLED,
-                    f"delta grew to {ratio:.2f}x its chunk in training "
+                    f"delta grew to {ratio:.2f}x its layer's RMS in training "
                     f"(tamiyo.max_delta_ratio={cfg.max_delta_ratio})",
                     seed.blueprint,
                     {"delta_ratio": ratio},
