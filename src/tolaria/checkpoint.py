@@ -99,7 +99,7 @@ def capture_snapshot(
         model=_private_copy(model.state_dict(), getattr(reuse, "model", None)),
         optimizer=_private_copy(optimizer_manager.state_dict(), getattr(reuse, "optimizer", None)),
         tamiyo=_private_copy(tamiyo.save_state_dict()),
-        rng=_private_copy(capture_rng_state(), getattr(reuse, "rng", None)),
+        rng=capture_rng_state(),  # fresh objects on every call: nothing to copy
         extra=_private_copy(extra),
     )
 
