@@ -134,3 +134,21 @@ def test_resuming_a_completed_run_changes_nothing(tmp_path, capsys):
     assert main(["resume", str(run)]) == 0
     assert "already completed" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_plot_draws_a_finished_run_and_refuses_an_empty_one(
+    tmp_path, tiny_config, tiny_data, capsys
+):
+    from tolaria.build import build_trainer
+
+    build_trainer(tiny_config, run_dir=tmp_path / "run", data=tiny_data).train()
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text(load_config().to_yaml())
+    assert main(["plot", str(empty)]) == 2
+    assert "no epochs recorded yet" in capsys.readouterr().err
+    assert not (empty / "curves.png").exists()

@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="continue a killed run from its last checkpoint")
     resume.add_argument("run_dir", type=Path)
 
+    plot = commands.add_parser("plot", help="draw a run's learning curves and growth events")
+    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("--out", type=Path, help="image file (default: RUN_DIR/curves.png)")
+
     show = commands.add_parser("config", help="print the resolved config as YAML")
     config_options(show)
     return parser
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train":
             return _train(args, console)
+        if args.command == "plot":
+            return _plot(args, console)
         return _resume(args, console)
     except TolariaError as exc:
         console.print(f"[bold red]tolaria: error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -91,6 +97,14 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
     _print_summary(trainer.train(), run_dir.path)
+    return 0
+
+
+def _plot(args: argparse.Namespace, console: Console) -> int:
+    from tolaria.plots import plot_run
+
+    run_dir, _ = RunDirectory.open_existing(args.run_dir)
+    console.print(f"wrote {plot_run(run_dir, args.out)}")
     return 0
 
 
