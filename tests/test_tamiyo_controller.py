@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from packets import make_packet
 from tolaria.config import KasminaConfig, TamiyoConfig
-from tolaria.contracts import EvalMetrics, HardwareContext, SeedState, SystemStatePacket
+from tolaria.contracts import EvalMetrics, SeedState
 from tolaria.errors import ConfigError, RepeatedFailureError
 from tolaria.kasmina import (
     Blueprint,
@@ -24,7 +25,6 @@ from tolaria.kasmina import (
 )
 from tolaria.tamiyo import TamiyoController
 
-HW = HardwareContext("cpu", "cpu", 2, 0, 0, 0)
 KASMINA = KasminaConfig(layers=["hidden.*"], chunks=4, blend_epochs=2, embargo_epochs=1)
 DEAD_CHUNK = "hidden.0.2"
 
@@ -90,13 +90,11 @@ class Rig:
         self.controller.on_epoch_boundary(epoch)
         asked = self.controller.seeds_to_evaluate() if ablated else []
         counterfactual = {seed_id: ablated(seed_id) for seed_id in asked}
-        packet = SystemStatePacket(
-            current_epoch=epoch,
-            global_step=epoch * 10,
-            training_loss=loss if training_loss is None else training_loss,
-            validation_loss=loss,
-            validation_accuracy=acc,
-            hardware_context=HW,
+        packet = make_packet(
+            epoch,
+            loss,
+            acc,
+            training_loss=training_loss,
             health_map=self.controller.health_map,
             seed_states=self.controller.seed_states,
             counterfactual=counterfactual,

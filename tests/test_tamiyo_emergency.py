@@ -6,21 +6,13 @@ import math
 
 import pytest
 
-from tolaria.contracts import HardwareContext, SystemStatePacket
+from packets import make_packet
+from tolaria.contracts import SystemStatePacket
 from tolaria.tamiyo import DecisionLog, Emergency, EmergencyDetector, IncidentMemory
-
-HW = HardwareContext("cpu", "cpu", 2, 0, 0, 0)
 
 
 def packet(epoch, loss, acc=0.5, training_loss=None) -> SystemStatePacket:
-    return SystemStatePacket(
-        current_epoch=epoch,
-        global_step=epoch * 10,
-        training_loss=loss if training_loss is None else training_loss,
-        validation_loss=loss,
-        validation_accuracy=acc,
-        hardware_context=HW,
-    )
+    return make_packet(epoch, loss, acc, training_loss=training_loss)
 
 
 def detector(**overrides) -> EmergencyDetector:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from packets import make_packet
 from tolaria.config import TamiyoConfig
 from tolaria.contracts import (
     EvalMetrics,
-    HardwareContext,
     SeedState,
     SeedTelemetry,
     SystemStatePacket,
@@ -15,7 +15,6 @@ from tolaria.contracts import (
 from tolaria.errors import ConfigError
 from tolaria.tamiyo import GraftOption, HeuristicPolicy, Observation, SeedView, make_policy
 
-HW = HardwareContext("cpu", "cpu", 2, 0, 0, 0)
 OPTIONS = (GraftOption("residual_mlp", 100), GraftOption("low_rank", 20))
 
 
@@ -39,15 +38,7 @@ def telemetry(seed_id: str, dead=0.0, saturated=0.0, grad=1.0) -> SeedTelemetry:
 
 
 def packet(epoch=5, acc=0.7, loss=0.9, counterfactual=None) -> SystemStatePacket:
-    return SystemStatePacket(
-        current_epoch=epoch,
-        global_step=100,
-        training_loss=loss,
-        validation_loss=loss,
-        validation_accuracy=acc,
-        hardware_context=HW,
-        counterfactual=counterfactual or {},
-    )
+    return make_packet(epoch, loss, acc, counterfactual=counterfactual or {})
 
 
 def dormant(seed_id, tel=None, options=OPTIONS) -> SeedView:
