@@ -26,7 +26,6 @@ trainer's default (``run.num_threads``) and every benchmark here.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS_DIR, bench_main, median, paired_ratio, rotated, timed
+from benchmarks.common import (
+    RESULTS_DIR,
+    bench_main,
+    median,
+    mlp_of_size,
+    paired_ratio,
+    rotated,
+    timed,
+)
 from tolaria.checkpoint import CheckpointStore, SnapshotRing, capture_snapshot, restore_snapshot
 from tolaria.config import KasminaConfig, OptimizerConfig, SchedulerConfig, TamiyoConfig
 from tolaria.contracts import SeedState
@@ -56,13 +63,7 @@ class System:
     """One run's model, optimizer manager and controller, with a grafted seed in training."""
 
     def __init__(self, target_params: int) -> None:
-        # Solve (DEPTH - 1) w^2 + (INPUTS + CLASSES) w = target for the width w.
-        a, b = DEPTH - 1, INPUTS + CLASSES
-        width = round((math.sqrt(b * b + 4 * a * target_params) - b) / (2 * a) / 8) * 8
-        layers: list[nn.Module] = [nn.Linear(INPUTS, width), nn.ReLU()]
-        for _ in range(DEPTH - 1):
-            layers += [nn.Linear(width, width), nn.ReLU()]
-        self.model = nn.Sequential(*layers, nn.Linear(width, CLASSES))
+        self.model = mlp_of_size(target_params, INPUTS, CLASSES, DEPTH)
         kasmina = KasminaConfig(layers=["0"], chunks=4)
         inject_seeds(self.model, kasmina)
         self.model(torch.zeros(2, INPUTS))  # seeds learn their chunk shapes

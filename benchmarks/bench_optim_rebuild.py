@@ -25,13 +25,12 @@ result object); it also writes ``benchmarks/results/optim_rebuild.json``.
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.common import bench_main, median, timed
+from benchmarks.common import bench_main, median, mlp_of_size, timed
 from tolaria.config import KasminaConfig, OptimizerConfig
 from tolaria.contracts import SeedState
 from tolaria.hosts import count_parameters
@@ -48,13 +47,7 @@ class GrowingSystem:
 
     def __init__(self) -> None:
         torch.manual_seed(0)
-        # Solve (DEPTH - 1) w^2 + (INPUTS + CLASSES) w = TARGET_PARAMS for the width w.
-        a, b = DEPTH - 1, INPUTS + CLASSES
-        width = round((math.sqrt(b * b + 4 * a * TARGET_PARAMS) - b) / (2 * a) / 8) * 8
-        layers: list[nn.Module] = [nn.Linear(INPUTS, width), nn.ReLU()]
-        for _ in range(DEPTH - 1):
-            layers += [nn.Linear(width, width), nn.ReLU()]
-        self.model = nn.Sequential(*layers, nn.Linear(width, CLASSES))
+        self.model = mlp_of_size(TARGET_PARAMS, INPUTS, CLASSES, DEPTH)
         inject_seeds(self.model, KasminaConfig(layers=["0"], chunks=4, embargo_epochs=0))
         self.model(torch.zeros(2, INPUTS))  # seeds learn their chunk shapes
         self.seed = find_seeds(self.model)[0]

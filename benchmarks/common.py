@@ -19,6 +19,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from tolaria.hardware import cpu_model_name
 
@@ -105,6 +107,19 @@ def quantile(values: list[float], q: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def mlp_of_size(target_params: int, inputs: int, classes: int, depth: int) -> nn.Sequential:
+    """A ReLU MLP of ``depth`` equal hidden layers with about ``target_params`` parameters.
+
+    Solves ``(depth - 1) w^2 + (inputs + classes) w = target`` for the width ``w``
+    (rounded to a multiple of 8)."""
+    a, b = depth - 1, inputs + classes
+    width = round((math.sqrt(b * b + 4 * a * target_params) - b) / (2 * a) / 8) * 8
+    layers: list[nn.Module] = [nn.Linear(inputs, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, classes))
 
 
 def add_mlp_workloads(parser: argparse.ArgumentParser) -> None:

@@ -217,14 +217,18 @@ def _mnist1d_args(config: DataConfig) -> dict[str, Any]:
 
     args = get_dataset_args(as_dict=True)
     del args["url"]  # only the download path uses it; we never download
-    unknown = sorted(set(config.kwargs) - set(args))
+    return _with_options(args, config, "mnist1d generator")
+
+
+def _with_options(defaults: dict[str, Any], config: DataConfig, what: str) -> dict[str, Any]:
+    """``defaults`` updated by ``data.kwargs``; a key it does not know is a ``ConfigError``."""
+    unknown = sorted(set(config.kwargs) - set(defaults))
     if unknown:
         raise ConfigError(
-            f"data.kwargs: unknown mnist1d generator argument(s) {', '.join(map(repr, unknown))} "
-            f"(accepted: {', '.join(sorted(args))})"
+            f"data.kwargs: unknown {what} argument(s) {', '.join(map(repr, unknown))} "
+            f"(accepted: {', '.join(sorted(defaults))})"
         )
-    args.update(config.kwargs)
-    return args
+    return {**defaults, **config.kwargs}
 
 
 def _mnist1d_cache_path(config: DataConfig, args: dict[str, Any]) -> Path:
@@ -298,14 +302,7 @@ def _digits(config: DataConfig) -> tuple[TensorDataset, TensorDataset]:
     """
     from sklearn.datasets import load_digits
 
-    options = {"test_fraction": 0.2, "split_seed": 0}
-    unknown = sorted(set(config.kwargs) - set(options))
-    if unknown:
-        raise ConfigError(
-            f"data.kwargs: unknown digits argument(s) {', '.join(map(repr, unknown))} "
-            f"(accepted: {', '.join(options)})"
-        )
-    options.update(config.kwargs)
+    options = _with_options({"test_fraction": 0.2, "split_seed": 0}, config, "digits")
     if not 0.0 < options["test_fraction"] < 1.0:
         raise ConfigError(
             f"data.kwargs.test_fraction={options['test_fraction']}: must be in (0, 1)"
