@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from tolaria.config import ModelConfig
 from tolaria.errors import ConfigError
-from tolaria.plugins import check_kwargs, is_reference, resolve_callable
+from tolaria.plugins import check_kwargs
+from tolaria.registry import Registry
 
 
 def _widths(values: Sequence[int], what: str) -> tuple[int, ...]:
@@ -135,24 +136,15 @@ class CNN2dHost(_ConvHost):
         super().__init__(shape[0], shape[1:], num_classes, channels, kernel_size)
 
 
-BUILTIN_HOSTS: dict[str, type[nn.Module]] = {
-    "mlp": MLPHost,
-    "cnn1d": CNN1dHost,
-    "cnn2d": CNN2dHost,
-}
+BUILTIN_HOSTS: Registry[Callable[..., nn.Module]] = Registry("host", "model.host")
+BUILTIN_HOSTS.register("mlp", MLPHost)
+BUILTIN_HOSTS.register("cnn1d", CNN1dHost)
+BUILTIN_HOSTS.register("cnn2d", CNN2dHost)
 
 
 def build_host(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Construct ``config.host`` for inputs of per-sample ``input_shape``; kwargs are checked."""
-    if is_reference(config.host):
-        factory = resolve_callable(config.host, "model.host")
-    elif config.host in BUILTIN_HOSTS:
-        factory = BUILTIN_HOSTS[config.host]
-    else:
-        raise ConfigError(
-            f"model.host={config.host!r}: unknown host (built-in: {', '.join(BUILTIN_HOSTS)}; "
-            "or 'module:function' for your own)"
-        )
+    factory = BUILTIN_HOSTS.get(config.host)
     check_kwargs(factory, config.kwargs, "model.kwargs", positional=2)
     model = factory(tuple(input_shape), num_classes, **config.kwargs)
     if not isinstance(model, nn.Module):
