@@ -22,7 +22,7 @@ import os
 import random
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +43,13 @@ from torch.utils.data import (
 from tolaria.config import DataConfig
 from tolaria.errors import ConfigError
 from tolaria.plugins import check_kwargs, is_reference, resolve_callable
+from tolaria.registry import Registry
 
-BUILTIN_DATASETS = ("mnist1d", "digits", "cifar10")
+#: What a built-in dataset's loader returns: ``(train, test, input_shape, num_classes)``;
+#: ``load_data`` carves the validation split out of ``train``.
+_Loaded = tuple[Dataset, Dataset | None, tuple[int, ...], int]
+
+BUILTIN_DATASETS: Registry[Callable[[DataConfig], _Loaded]] = Registry("dataset", "data.dataset")
 
 # Domain tags keep the split's random stream apart from every epoch's order stream even
 # when seed and epoch coincide.
@@ -119,22 +124,9 @@ class EpochShuffleSampler(Sampler[int]):
 def load_data(config: DataConfig, seed: int) -> DataBundle:
     """Build the bundle named by ``config.dataset`` with its validation split carved by ``seed``."""
     name = config.dataset
-    if is_reference(name):
+    if is_reference(name):  # user functions take data.kwargs and return their own shapes
         return _load_user(config, seed)
-    if name == "mnist1d":
-        train, test = _mnist1d(config)
-        input_shape, num_classes = (train.tensors[0].shape[1],), 10
-    elif name == "digits":
-        train, test = _digits(config)
-        input_shape, num_classes = (1, 8, 8), 10
-    elif name == "cifar10":
-        train, test = _cifar10(config)
-        input_shape, num_classes = (3, 32, 32), 10
-    else:
-        raise ConfigError(
-            f"data.dataset={name!r}: unknown dataset (built-in: {', '.join(BUILTIN_DATASETS)}; "
-            "or 'module:function' for your own)"
-        )
+    train, test, input_shape, num_classes = BUILTIN_DATASETS.get(name)(config)
     train, val = split_train_val(train, config.val_fraction, seed)
     return DataBundle(name, train, val, test, tuple(input_shape), num_classes)
 
@@ -275,7 +267,7 @@ def _write_cache_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def _mnist1d(config: DataConfig) -> tuple[TensorDataset, TensorDataset]:
+def _mnist1d(config: DataConfig) -> _Loaded:
     args = _mnist1d_args(config)
     path = _mnist1d_cache_path(config, args)
     arrays = _read_cache(path)
@@ -291,10 +283,12 @@ def _mnist1d(config: DataConfig) -> tuple[TensorDataset, TensorDataset]:
     return (
         TensorDataset(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])),
         TensorDataset(torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])),
+        (arrays["x"].shape[1],),
+        10,
     )
 
 
-def _digits(config: DataConfig) -> tuple[TensorDataset, TensorDataset]:
+def _digits(config: DataConfig) -> _Loaded:
     """scikit-learn's bundled 8x8 digits; a fixed 80/20 train/test split.
 
     The test split is the dataset's own, so it is fixed (``split_seed``, default 0) and
@@ -313,10 +307,10 @@ def _digits(config: DataConfig) -> tuple[TensorDataset, TensorDataset]:
     train, test = split_train_val(
         TensorDataset(x, y), options["test_fraction"], options["split_seed"]
     )
-    return train, test  # type: ignore[return-value]
+    return train, test, (1, 8, 8), 10
 
 
-def _cifar10(config: DataConfig) -> tuple[Dataset, Dataset]:
+def _cifar10(config: DataConfig) -> _Loaded:
     try:
         from torchvision import datasets, transforms
     except ImportError:
@@ -339,7 +333,12 @@ def _cifar10(config: DataConfig) -> tuple[Dataset, Dataset]:
             f"data.dataset='cifar10': cannot load or download CIFAR-10 into {root} ({exc}); "
             "the first run needs internet"
         ) from None
-    return train, test
+    return train, test, (3, 32, 32), 10
+
+
+BUILTIN_DATASETS.register("mnist1d", _mnist1d)
+BUILTIN_DATASETS.register("digits", _digits)
+BUILTIN_DATASETS.register("cifar10", _cifar10)
 
 
 # --- user datasets ----------------------------------------------------------------------
