@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tolaria.errors import BlueprintError
+from tolaria.registry import Registry
 
 ChunkShape = tuple[int, ...]
 
@@ -226,7 +227,7 @@ class SqueezeExcitation(Blueprint):
         return 2 * c * h + h + c
 
 
-_REGISTRY: dict[str, Blueprint] = {}
+_REGISTRY: Registry[Blueprint] = Registry("blueprint", "tamiyo.blueprints")
 
 
 def register_blueprint(blueprint: Blueprint, *, replace: bool = False) -> Blueprint:
@@ -237,30 +238,29 @@ def register_blueprint(blueprint: Blueprint, *, replace: bool = False) -> Bluepr
         )
     if not blueprint.name:
         raise BlueprintError(f"register_blueprint: {type(blueprint).__name__} has no name")
-    if blueprint.name in _REGISTRY and not replace:
-        raise BlueprintError(
-            f"blueprint {blueprint.name!r} is already registered (pass replace=True to override)"
-        )
-    _REGISTRY[blueprint.name] = blueprint
-    return blueprint
+    try:
+        return _REGISTRY.register(blueprint.name, blueprint, replace=replace)
+    except ValueError as exc:
+        raise BlueprintError(str(exc)) from None
 
 
 def unregister_blueprint(name: str) -> None:
     """Remove a user blueprint (tests and plugins that register temporarily)."""
-    _REGISTRY.pop(name, None)
+    _REGISTRY.unregister(name)
 
 
 def get_blueprint(name: str) -> Blueprint:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    # Registered names only, never a module:attr reference: checkpoint manifests name
+    # blueprints too, and restoring one must not import whatever module it names.
+    if name not in _REGISTRY:
         raise BlueprintError(
             f"unknown blueprint {name!r} (available: {', '.join(available_blueprints())})"
-        ) from None
+        )
+    return _REGISTRY.get(name)
 
 
 def available_blueprints() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY.names())
 
 
 for _builtin in (
