@@ -24,18 +24,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
+    if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"run.device={name!r}: CUDA is not available (this torch build "
                 f"{torch.__version__} sees no GPU); use 'auto' or 'cpu'"
             )
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"run.device={name!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
-            )
-        return device
+        return torch.device("cuda")
     raise ConfigError(f"run.device={name!r}: expected 'auto', 'cpu' or 'cuda'")
 
 
