@@ -161,13 +161,24 @@ class SystemStatePacket(_JsonMixin):
         )
 
 
+@dataclass(frozen=True)
 class _StateChange(_JsonMixin):
-    """JSON for records that carry a ``from_state`` -> ``to_state`` move."""
+    """A ``from_state`` -> ``to_state`` move, why, and the blueprint involved; JSON for it.
+
+    Each record puts its own first field (who or when) before these.  Dataclasses collect
+    fields from the bases in reverse MRO order, so a record lists ``_StateChange`` first and
+    its first field's base last: ``class Record(_StateChange, _FirstField)``.
+    """
+
+    from_state: SeedState
+    to_state: SeedState
+    reason: str
+    blueprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)  # type: ignore[call-overload]
-        data["from_state"] = self.from_state.value  # type: ignore[attr-defined]
-        data["to_state"] = self.to_state.value  # type: ignore[attr-defined]
+        data = asdict(self)
+        data["from_state"] = self.from_state.value
+        data["to_state"] = self.to_state.value
         return data
 
     @classmethod
@@ -177,25 +188,23 @@ class _StateChange(_JsonMixin):
 
 
 @dataclass(frozen=True)
-class Adaptation(_StateChange):
-    """One command Tamiyo issued to one seed this epoch, and why."""
-
+class _OfSeed:
     seed_id: str
-    from_state: SeedState
-    to_state: SeedState
-    reason: str
-    blueprint: str | None = None
 
 
 @dataclass(frozen=True)
-class TransitionRecord(_StateChange):
-    """One move in a seed's own history; ``blueprint`` is the one held when it happened."""
-
+class _AtEpoch:
     epoch: int
-    from_state: SeedState
-    to_state: SeedState
-    reason: str
-    blueprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Adaptation(_StateChange, _OfSeed):
+    """One command Tamiyo issued to one seed this epoch, and why."""
+
+
+@dataclass(frozen=True)
+class TransitionRecord(_StateChange, _AtEpoch):
+    """One move in a seed's own history; ``blueprint`` is the one held when it happened."""
 
 
 @dataclass(frozen=True)
