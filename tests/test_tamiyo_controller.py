@@ -124,7 +124,7 @@ def test_plateau_leads_to_germination_at_the_least_healthy_location():
     assert rig.seed(DEAD_CHUNK).state is SeedState.TRAINING
     (decision, _) = rig.of("decision")
     assert decision["features"]["telemetry"]["dead_fraction"] == 1.0
-    assert decision["features"]["epochs_since_improvement"] == 2
+    assert decision["features"]["evidence"]["epochs_since_improvement"] == 2
     assert "plateau" in decision["reason"]
 
 

@@ -49,8 +49,17 @@ def on_trial(seed_id, state, epochs=1, alpha=0.0, implicated=False) -> SeedView:
     return SeedView(seed_id, state, epochs, alpha, "low_rank", 20, None, (), implicated)
 
 
-def observe(seeds, plateau=2, budget=1000, **packet_kwargs) -> Observation:
-    return Observation(packet(**packet_kwargs), tuple(seeds), plateau, budget)
+def observe(seeds, budget=1000, **packet_kwargs) -> Observation:
+    return Observation(packet(**packet_kwargs), tuple(seeds), budget)
+
+
+def decide(policy: HeuristicPolicy, seeds, plateau=2, **kwargs):
+    """``policy.decide`` once ``plateau`` epochs passed without improvement (its memory)."""
+    if plateau:  # the packet's loss (0.9) does not beat 0.0: one more flat epoch
+        policy.load_state_dict(
+            {"best_validation_loss": 0.0, "epochs_since_improvement": plateau - 1}
+        )
+    return policy.decide(observe(seeds, **kwargs))
 
 
 def test_plateau_germinates_least_healthy_location_then_trains_it():
@@ -60,7 +69,7 @@ def test_plateau_germinates_least_healthy_location_then_trains_it():
         dormant("a.1", telemetry("a.1", dead=0.8, grad=0.5)),
         dormant("a.2", telemetry("a.2", dead=0.0, saturated=0.2, grad=0.9)),
     ]
-    decisions = policy.decide(observe(seeds))
+    decisions = decide(policy, seeds)
     assert [(d.seed_id, d.to_state, d.blueprint) for d in decisions] == [
         ("a.1", SeedState.GERMINATED, "residual_mlp"),
         ("a.1", SeedState.TRAINING, "residual_mlp"),
@@ -71,15 +80,15 @@ def test_plateau_germinates_least_healthy_location_then_trains_it():
 
 def test_no_growth_without_plateau_or_before_min_epoch():
     seeds = [dormant("a.0", telemetry("a.0"))]
-    assert HeuristicPolicy(config(plateau_patience=3)).decide(observe(seeds)) == []
+    assert decide(HeuristicPolicy(config(plateau_patience=3)), seeds) == []
     late = config(min_epochs_before_growth=6)
-    assert HeuristicPolicy(late).decide(observe(seeds, epoch=5)) == []
-    assert HeuristicPolicy(late).decide(observe(seeds, epoch=6)) != []
+    assert decide(HeuristicPolicy(late), seeds, epoch=5) == []
+    assert decide(HeuristicPolicy(late), seeds, epoch=6) != []
 
 
 def test_ties_go_to_registration_order_and_blueprint_preference():
     same = [dormant(f"a.{i}", telemetry(f"a.{i}")) for i in (3, 1, 2)]
-    decisions = HeuristicPolicy(config()).decide(observe(same))
+    decisions = decide(HeuristicPolicy(config()), same)
     assert (decisions[0].seed_id, decisions[0].blueprint) == ("a.3", "residual_mlp")
 
 
@@ -87,17 +96,17 @@ def test_budget_active_limit_and_forbidden_graft_are_respected():
     policy = HeuristicPolicy(config(max_active_seeds=2))
     sick = dormant("a.0", telemetry("a.0", dead=0.9))
     # The preferred blueprint does not fit the budget: the cheaper one is grafted.
-    decisions = policy.decide(observe([sick], budget=50))
+    decisions = decide(policy, [sick], budget=50)
     assert decisions[0].blueprint == "low_rank"
-    assert policy.decide(observe([sick], budget=10)) == []
+    assert decide(policy, [sick], budget=10) == []
     # Two seeds already on trial fill the slots.
     busy = [on_trial("b.0", SeedState.TRAINING), on_trial("b.1", SeedState.TRAINING)]
-    assert policy.decide(observe([sick, *busy])) == []
+    assert decide(policy, [sick, *busy]) == []
     # A forbidden pair is never grafted, the other blueprint still is.
     forbidden = dormant(
         "a.0", telemetry("a.0"), (GraftOption("residual_mlp", 100, forbidden=True), OPTIONS[1])
     )
-    assert policy.decide(observe([forbidden]))[0].blueprint == "low_rank"
+    assert decide(policy, [forbidden])[0].blueprint == "low_rank"
 
 
 def test_cull_penalty_moves_growth_elsewhere():
@@ -107,13 +116,13 @@ def test_cull_penalty_moves_growth_elsewhere():
         dormant("a.0", telemetry("a.0", dead=0.5), penalised),
         dormant("a.1", telemetry("a.1", dead=0.2)),
     ]
-    assert policy.decide(observe(seeds))[0].seed_id == "a.1"
+    assert decide(policy, seeds)[0].seed_id == "a.1"
 
 
 def test_several_germinations_per_epoch_when_allowed():
     policy = HeuristicPolicy(config(max_germinations_per_epoch=3, max_active_seeds=2))
     seeds = [dormant(f"a.{i}", telemetry(f"a.{i}", dead=i / 10)) for i in range(4)]
-    grafted = [d.seed_id for d in policy.decide(observe(seeds)) if d.blueprint and
+    grafted = [d.seed_id for d in decide(policy, seeds) if d.blueprint and
                d.to_state is SeedState.GERMINATED]
     assert grafted == ["a.3", "a.2"]
 
@@ -127,7 +136,7 @@ def test_lifecycle_advances_on_evidence():
         on_trial("s.3", SeedState.BLENDING, epochs=1, alpha=0.67),
         on_trial("s.4", SeedState.BLENDING, epochs=2, alpha=1.0),
     ]
-    moves = {d.seed_id: d.to_state for d in policy.decide(observe(seeds, plateau=0))}
+    moves = {d.seed_id: d.to_state for d in decide(policy, seeds, plateau=0)}
     assert moves == {
         "s.0": SeedState.TRAINING,
         "s.2": SeedState.BLENDING,
@@ -146,7 +155,7 @@ def test_lifecycle_advances_on_evidence():
 def test_probation_judged_on_counterfactual(ablated, expected):
     policy = HeuristicPolicy(config())
     seeds = [on_trial("s.0", SeedState.PROBATIONARY, epochs=1, alpha=1.0)]
-    obs = observe(seeds, plateau=0, acc=0.7, loss=0.9, counterfactual={"s.0": ablated})
+    obs = observe(seeds, acc=0.7, loss=0.9, counterfactual={"s.0": ablated})
     (decision,) = policy.decide(obs)
     assert decision.to_state is expected
     assert decision.evidence["gain_accuracy"] == pytest.approx(0.7 - ablated.accuracy)
@@ -156,9 +165,9 @@ def test_probation_judged_on_counterfactual(ablated, expected):
 def test_probation_waits_for_evidence_and_implicated_seed_is_culled():
     policy = HeuristicPolicy(config())
     waiting = [on_trial("s.0", SeedState.PROBATIONARY, epochs=3, alpha=1.0)]
-    assert policy.decide(observe(waiting, plateau=0)) == []
+    assert decide(policy, waiting, plateau=0) == []
     implicated = [on_trial("s.0", SeedState.TRAINING, epochs=0, implicated=True)]
-    (decision,) = policy.decide(observe(implicated, plateau=0))
+    (decision,) = decide(policy, implicated, plateau=0)
     assert decision.to_state is SeedState.CULLED and "incident" in decision.reason
 
 
@@ -169,7 +178,7 @@ def test_culling_frees_a_slot_for_growth_in_the_same_epoch():
         dormant("s.1", telemetry("s.1")),
     ]
     cf = {"s.0": EvalMetrics(loss=0.5, accuracy=0.9)}
-    decisions = policy.decide(observe(seeds, counterfactual=cf))
+    decisions = decide(policy, seeds, counterfactual=cf)
     assert [(d.seed_id, d.to_state) for d in decisions] == [
         ("s.0", SeedState.CULLED),
         ("s.1", SeedState.GERMINATED),
@@ -190,7 +199,7 @@ def test_a_seed_whose_delta_outgrew_its_chunk_is_culled_not_blended():
         return SeedView(seed_id, SeedState.TRAINING, 3, 0.0, "low_rank", 20, tel, ())
 
     decisions = policy.decide(
-        observe([training("a.0", 0.5), training("a.1", 8.0)], plateau=0)
+        observe([training("a.0", 0.5), training("a.1", 8.0)])
     )
     moves = {d.seed_id: d.to_state for d in decisions}
     assert moves == {"a.0": SeedState.BLENDING, "a.1": SeedState.CULLED}

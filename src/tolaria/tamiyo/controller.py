@@ -4,28 +4,34 @@ Per epoch (design §2, Figures 1-2)::
 
     on_epoch_boundary(epoch)   the epoch's seed telemetry becomes the health map
     seeds_to_evaluate()        PROBATIONARY seeds, whose counterfactual Tolaria measures
-    step(packet)               emergency check -> plateau tracking -> due outcomes ->
-                               each seed's on_epoch_end -> policy decisions -> commands
+    step(packet)               apply(decide(observe(packet))):
+      observe(packet)          emergency check; otherwise close the epoch's clocks (loss
+                               history, due outcomes, each seed's on_epoch_end) -> Observation
+      decide(observation)      pure: the policy's decisions, or a rollback -> Plan
+      apply(plan)              the only place seeds are commanded, logged and remembered
     on_rollback(epoch)         after Tolaria restored a snapshot: cull implicated grafts
 
 ``step`` returns an :class:`AdaptationSignal`.  ``emergency_rollback_required`` is set
 by :mod:`tolaria.tamiyo.emergency` and then nothing else happens that epoch;
 ``optimizer_rebuild_required`` is set exactly when the set of trainable seed
 parameters, or the role (on trial / host) of one, changed: germination, cull,
-fossilization.
+fossilization.  ``observe`` is deterministic and ``decide`` has no side effects, so under
+multi-process training every rank observes and applies while one decides, and a sandbox
+can replay decisions against stored observations.
 
-The controller owns every piece of memory a decision depends on -- plateau tracker,
-penalties, incident memory, decision log -- and ``save_state_dict`` returns all of it as
-plain JSON.  Seeds keep their own state in the model (Kasmina's structure manifest).
-``load_state_dict`` merges the memories that must survive a rollback (incidents,
-penalties, decision ids) and overwrites the rest, so a fresh controller loaded from a
-checkpoint takes exactly the decisions the saved one would have taken.
+The controller owns every piece of memory a decision depends on -- the policy (with its
+own ``state_dict``: plateau tracking for the heuristic), penalties, incident memory,
+decision log -- and ``state_dict`` returns all of it as plain JSON.  Seeds keep their own
+state in the model (Kasmina's structure manifest).  ``load_state_dict`` merges the
+memories that must survive a rollback (incidents, penalties, decision ids) and overwrites
+the rest, so a fresh controller loaded from a checkpoint takes exactly the decisions the
+saved one would have taken.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from tolaria.config import KasminaConfig, TamiyoConfig
@@ -42,11 +48,21 @@ from tolaria.tamiyo.decisions import DecisionLog
 from tolaria.tamiyo.emergency import Emergency, EmergencyDetector, IncidentMemory
 from tolaria.tamiyo.policy import Decision, GraftOption, Observation, Policy, SeedView, make_policy
 
-STATE_VERSION = 1
+#: 2: the plateau tracker moved into the policy's own state.
+STATE_VERSION = 2
 
 
 def _discard(kind: str, **fields: Any) -> None:
-    """The event sink of a controller that has no run directory."""
+    """The event sink of a controller that nobody listens to."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``decide`` concluded: seed commands, or a rollback for ``emergency``."""
+
+    observation: Observation
+    decisions: tuple[Decision, ...] = ()
+    emergency: Emergency | None = None
 
 
 class TamiyoController:
@@ -75,13 +91,12 @@ class TamiyoController:
         self.num_classes = num_classes
         self.param_budget = int(config.param_budget_fraction * host_parameters)
         self.policy = policy if policy is not None else make_policy(config)
-        self._emit = event_sink if event_sink is not None else _discard
+        #: ``sink(kind, **fields)`` for decisions, outcomes and incidents (the trainer's).
+        self.event_sink = event_sink if event_sink is not None else _discard
         self._seeds: dict[str, KasminaSeed] = {}
         self._health: dict[str, SeedTelemetry] = {}
         self._costs: dict[tuple[str, tuple[int, ...]], int | None] = {}
         self.penalties: dict[tuple[str, str], float] = {}
-        self.best_validation_loss = math.inf
-        self.epochs_since_improvement = 0
         self.detector = EmergencyDetector(
             num_classes=num_classes,
             collapse_margin=config.collapse_margin,
@@ -92,6 +107,9 @@ class TamiyoController:
         )
         self.incidents = IncidentMemory()
         self.decisions = DecisionLog(self._emit, config.outcome_horizon)
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        self.event_sink(kind, **fields)  # looked up per call: the trainer rebinds the sink
 
     # ------------------------------------------------------------------ registration
     def register_seed(self, seed: KasminaSeed) -> None:
@@ -119,43 +137,23 @@ class TamiyoController:
 
     # ------------------------------------------------------------------ the decision
     def step(self, packet: SystemStatePacket) -> AdaptationSignal:
+        return self.apply(self.decide(self.observe(packet)))
+
+    def observe(self, packet: SystemStatePacket) -> Observation:
+        """Close the epoch just lived and return what a decision may see.
+
+        Not a decision, so every rank can run it: the emergency check folds the packet into
+        the loss history; unless it found an emergency (whose epoch a rollback discards),
+        due outcomes are written and each seed counts the epoch -- before the policy looks,
+        so ``epochs_in_state`` and the blending ramp include it.
+        """
         emergency = self.detector.check(packet)
-        if emergency is not None:
-            return self._on_emergency(emergency, packet)
-        epoch = packet.current_epoch
-        self._track_plateau(packet.validation_loss)
-        self.decisions.resolve_due(epoch, packet.validation_loss, packet.validation_accuracy)
-        # Count the epoch just lived before deciding, so ``epochs_in_state`` and the
-        # blending ramp include it (Kasmina's clock makes the order otherwise harmless).
-        for seed in self._seeds.values():
-            seed.on_epoch_end(epoch)
-
-        before = self._trainable_signature()
-        observation = self._observe(packet)
-        adaptations: list[Adaptation] = []
-        failed: set[str] = set()
-        for decision in self.policy.decide(observation):
-            if decision.seed_id in failed:
-                continue  # e.g. the TRAINING that follows a germination that failed
-            adaptation = self._apply(decision, observation)
-            if adaptation is None:
-                failed.add(decision.seed_id)
-            else:
-                adaptations.append(adaptation)
-        rebuild = self._trainable_signature() != before
-        reason = "; ".join(f"{a.seed_id} -> {a.to_state.value}" for a in adaptations)
-        return AdaptationSignal(
-            optimizer_rebuild_required=rebuild, reason=reason, adaptations=tuple(adaptations)
-        )
-
-    def _track_plateau(self, validation_loss: float) -> None:
-        if validation_loss < self.best_validation_loss - self.config.plateau_min_delta:
-            self.best_validation_loss = validation_loss
-            self.epochs_since_improvement = 0
-        else:
-            self.epochs_since_improvement += 1
-
-    def _observe(self, packet: SystemStatePacket) -> Observation:
+        if emergency is None:
+            self.decisions.resolve_due(
+                packet.current_epoch, packet.validation_loss, packet.validation_accuracy
+            )
+            for seed in self._seeds.values():
+                seed.on_epoch_end(packet.current_epoch)
         grafted = sum(s.param_count() for s in self._seeds.values() if s.state.holds_blueprint)
         views = tuple(
             SeedView(
@@ -174,8 +172,37 @@ class TamiyoController:
         return Observation(
             packet=packet,
             seeds=views,
-            epochs_since_improvement=self.epochs_since_improvement,
             param_budget_left=self.param_budget - grafted,
+            emergency=emergency,
+        )
+
+    def decide(self, observation: Observation) -> Plan:
+        """Pure: no seed, memory or log changes; the same observation and state, the same plan."""
+        if observation.emergency is not None:
+            return Plan(observation, emergency=observation.emergency)
+        return Plan(observation, decisions=tuple(self.policy.decide(observation)))
+
+    def apply(self, plan: Plan) -> AdaptationSignal:
+        """Carry out ``plan``: command the seeds, log each decision, update the memories."""
+        observation = plan.observation
+        if plan.emergency is not None:
+            return self._on_emergency(plan.emergency, observation.packet)
+        before = self._trainable_signature()
+        adaptations: list[Adaptation] = []
+        failed: set[str] = set()
+        for decision in plan.decisions:
+            if decision.seed_id in failed:
+                continue  # e.g. the TRAINING that follows a germination that failed
+            adaptation = self._apply(decision, observation)
+            if adaptation is None:
+                failed.add(decision.seed_id)
+            else:
+                adaptations.append(adaptation)
+        self.policy.update(observation, adaptations)
+        rebuild = self._trainable_signature() != before
+        reason = "; ".join(f"{a.seed_id} -> {a.to_state.value}" for a in adaptations)
+        return AdaptationSignal(
+            optimizer_rebuild_required=rebuild, reason=reason, adaptations=tuple(adaptations)
         )
 
     def _graft_options(self, seed: KasminaSeed) -> tuple[GraftOption, ...]:
@@ -231,8 +258,6 @@ class TamiyoController:
                     error=str(exc),
                 )
                 return None
-            # The graft answers this plateau; the next one must be a fresh plateau.
-            self.epochs_since_improvement = 0
         else:
             seed.transition(decision.to_state, epoch=epoch, reason=decision.reason)
             if decision.to_state is SeedState.CULLED and blueprint is not None:
@@ -250,7 +275,6 @@ class TamiyoController:
             param_cost=seed.param_count(),
             features={
                 "training_loss": packet.training_loss,
-                "epochs_since_improvement": observation.epochs_since_improvement,
                 "param_budget_left": observation.param_budget_left,
                 "seeds_on_trial": sum(v.state.is_active for v in observation.seeds),
                 "from_state": from_state.value,
@@ -343,19 +367,20 @@ class TamiyoController:
         )
 
     # ------------------------------------------------------------------ state
-    def save_state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything a decision depends on, as plain JSON."""
-        best = self.best_validation_loss
         return {
             "version": STATE_VERSION,
-            "best_validation_loss": best if math.isfinite(best) else None,
-            "epochs_since_improvement": self.epochs_since_improvement,
+            "policy": self.policy.state_dict(),
             "penalties": [[s, b, p] for (s, b), p in sorted(self.penalties.items())],
             "health_map": {sid: t.to_dict() for sid, t in self._health.items()},
             "detector": self.detector.state_dict(),
             "incidents": self.incidents.state_dict(),
             "decisions": self.decisions.state_dict(),
         }
+
+    #: The design's name (§3.1, §6.2) for :meth:`state_dict`.
+    save_state_dict = state_dict
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a saved state; incident memory, penalties and decision ids are merged."""
@@ -364,9 +389,7 @@ class TamiyoController:
                 raise CheckpointError(
                     f"tamiyo state version {state['version']!r}, expected {STATE_VERSION}"
                 )
-            best = state["best_validation_loss"]
-            self.best_validation_loss = math.inf if best is None else best
-            self.epochs_since_improvement = state["epochs_since_improvement"]
+            self.policy.load_state_dict(state["policy"])
             for seed_id, blueprint, penalty in state["penalties"]:
                 key = (seed_id, blueprint)
                 self.penalties[key] = max(self.penalties.get(key, 0.0), penalty)
@@ -376,5 +399,5 @@ class TamiyoController:
             self.detector.load_state_dict(state["detector"])
             self.incidents.merge_state_dict(state["incidents"])
             self.decisions.merge_state_dict(state["decisions"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"tamiyo state is malformed: {exc!r}") from None

@@ -1,10 +1,12 @@
 """Policies: what to do with the seeds, given one epoch's evidence.
 
-A policy is a pure function of an :class:`Observation` -- the packet plus the
-controller's view of every seed and its memory -- to a list of :class:`Decision`.  It
-holds no state and never touches a seed: the controller builds the observation,
-applies the decisions and remembers what happened, so the same observation always
-gives the same decisions, and a learned policy plugs into the same place.
+A policy maps an :class:`Observation` -- the packet plus the controller's view of every
+seed -- to a list of :class:`Decision`.  ``decide`` is pure: it never touches a seed or
+its own memory, so the same observation and state always give the same decisions (one
+rank can decide for all; a sandbox can replay stored observations).  What a policy
+remembers across epochs is its own, updated in ``update`` once the controller has applied
+the decisions, and saved with ``state_dict``.  The config names a policy by its
+registered name or as ``module:Class``; the class is called with the ``TamiyoConfig``.
 
 :class:`HeuristicPolicy` is the first policy.  Per epoch, in registration order:
 
@@ -17,7 +19,8 @@ gives the same decisions, and a learned policy plugs into the same place.
    ``gain_loss >= fossilize_min_loss_gain``, and is CULLED otherwise.  A seed holding a
    graft implicated in an incident is culled whatever its state.
 2. **Grow on a plateau.**  When validation loss has not improved by
-   ``plateau_min_delta`` for ``plateau_patience`` epochs and fewer than
+   ``plateau_min_delta`` for ``plateau_patience`` epochs (the policy's memory; a graft
+   answers the plateau, so the count restarts) and fewer than
    ``max_active_seeds`` seeds are on trial, graft the best (location, blueprint) pair:
    a DORMANT seed whose chunk shape is known, a blueprint that supports it, fits the
    remaining parameter budget and is not forbidden, maximising
@@ -31,13 +34,17 @@ gives the same decisions, and a learned policy plugs into the same place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from tolaria.config import TamiyoConfig
-from tolaria.contracts import SeedState, SeedTelemetry, SystemStatePacket
+from tolaria.contracts import Adaptation, SeedState, SeedTelemetry, SystemStatePacket
 from tolaria.errors import ConfigError
+from tolaria.plugins import check_kwargs, construct
+from tolaria.registry import Registry
+from tolaria.tamiyo.emergency import Emergency
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,9 @@ class Observation:
     packet: SystemStatePacket
     #: Every registered seed, in registration (module, then chunk) order.
     seeds: tuple[SeedView, ...]
-    epochs_since_improvement: int
     param_budget_left: int
+    #: What the emergency check found; the controller then rolls back, no policy asked.
+    emergency: Emergency | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,16 @@ class Decision:
 
 
 class Policy(Protocol):
-    def decide(self, observation: Observation) -> list[Decision]: ...
+    def decide(self, observation: Observation) -> list[Decision]:
+        """Pure: decisions from the observation and the policy's state, nothing changed."""
+        ...
+
+    def update(self, observation: Observation, applied: Sequence[Adaptation]) -> None:
+        """Fold the epoch into the policy's memory, once ``applied`` were carried out."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class HeuristicPolicy:
@@ -99,6 +116,9 @@ class HeuristicPolicy:
 
     def __init__(self, config: TamiyoConfig) -> None:
         self.config = config
+        #: Plateau tracking: the best validation loss, and epochs since it improved.
+        self.best_validation_loss = math.inf
+        self.epochs_since_improvement = 0
 
     def decide(self, observation: Observation) -> list[Decision]:
         decisions = [d for s in observation.seeds if (d := self._advance(s, observation))]
@@ -106,6 +126,31 @@ class HeuristicPolicy:
         on_trial = sum(s.state.is_active for s in observation.seeds) - culled
         decisions += self._grow(observation, on_trial)
         return decisions
+
+    def update(self, observation: Observation, applied: Sequence[Adaptation]) -> None:
+        self.best_validation_loss, self.epochs_since_improvement = self._plateau(
+            observation.packet
+        )
+        if any(a.to_state is SeedState.GERMINATED for a in applied):
+            self.epochs_since_improvement = 0  # the graft answers this plateau
+
+    def _plateau(self, packet: SystemStatePacket) -> tuple[float, int]:
+        """(best loss, epochs since improvement) once this packet's loss is counted."""
+        if packet.validation_loss < self.best_validation_loss - self.config.plateau_min_delta:
+            return packet.validation_loss, 0
+        return self.best_validation_loss, self.epochs_since_improvement + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        best = self.best_validation_loss
+        return {
+            "best_validation_loss": best if math.isfinite(best) else None,
+            "epochs_since_improvement": self.epochs_since_improvement,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        best = state["best_validation_loss"]
+        self.best_validation_loss = math.inf if best is None else best
+        self.epochs_since_improvement = state["epochs_since_improvement"]
 
     # ------------------------------------------------------------------ seeds on trial
     def _advance(self, seed: SeedView, observation: Observation) -> Decision | None:
@@ -167,8 +212,9 @@ class HeuristicPolicy:
     # ------------------------------------------------------------------ growth
     def _grow(self, observation: Observation, on_trial: int) -> list[Decision]:
         cfg = self.config
-        plateau = observation.epochs_since_improvement >= cfg.plateau_patience
-        if not plateau or observation.packet.current_epoch < cfg.min_epochs_before_growth:
+        _, stale = self._plateau(observation.packet)
+        too_early = observation.packet.current_epoch < cfg.min_epochs_before_growth
+        if stale < cfg.plateau_patience or too_early:
             return []
         slots = min(cfg.max_active_seeds - on_trial, cfg.max_germinations_per_epoch)
         budget = observation.param_budget_left
@@ -198,10 +244,13 @@ class HeuristicPolicy:
                 Decision(
                     seed.seed_id,
                     SeedState.GERMINATED,
-                    f"plateau for {observation.epochs_since_improvement} epochs; "
-                    f"least healthy location (score {score:.3f})",
+                    f"plateau for {stale} epochs; least healthy location (score {score:.3f})",
                     option.blueprint,
-                    {"score": score, "param_cost": float(option.param_cost)},
+                    {
+                        "score": score,
+                        "param_cost": float(option.param_cost),
+                        "epochs_since_improvement": stale,
+                    },
                 )
             )
             decisions.append(
@@ -221,13 +270,22 @@ class HeuristicPolicy:
         )
 
 
-POLICIES = {"heuristic": HeuristicPolicy}
+POLICIES: Registry[type] = Registry("policy", "tamiyo.policy")
+POLICIES.register("heuristic", HeuristicPolicy)
 
 
 def make_policy(config: TamiyoConfig) -> Policy:
-    try:
-        return POLICIES[config.policy](config)
-    except KeyError:
+    """The policy ``tamiyo.policy`` names (registered, or ``module:Class``), built on ``config``.
+
+    An unknown name and a constructor that fails are two different mistakes, reported as such.
+    """
+    factory = POLICIES.get(config.policy)
+    check_kwargs(factory, {}, "tamiyo.policy", positional=1)
+    policy = construct(factory, f"tamiyo.policy={config.policy!r}", config)
+    missing = [m for m in ("decide", "update", "state_dict", "load_state_dict")
+               if not callable(getattr(policy, m, None))]
+    if missing:
         raise ConfigError(
-            f"tamiyo.policy: unknown policy {config.policy!r} (known: {sorted(POLICIES)})"
-        ) from None
+            f"tamiyo.policy={config.policy!r}: not a policy (lacks {', '.join(missing)})"
+        )
+    return policy
