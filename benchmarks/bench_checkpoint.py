@@ -42,7 +42,14 @@ from benchmarks.common import (
     rotated,
     timed,
 )
-from tolaria.checkpoint import CheckpointStore, SnapshotRing, capture_snapshot, restore_snapshot
+from tolaria.checkpoint import (
+    CheckpointStore,
+    ModelState,
+    RngState,
+    SnapshotRing,
+    capture_snapshot,
+    restore_snapshot,
+)
 from tolaria.config import KasminaConfig, OptimizerConfig, SchedulerConfig, TamiyoConfig
 from tolaria.contracts import SeedState
 from tolaria.hosts import count_parameters
@@ -91,14 +98,17 @@ class System:
         self.manager.end_epoch(1.0)
         self.params = count_parameters(self.model)
 
+    @property
+    def components(self) -> dict:
+        """As the trainer names them (less the counters and data order, which cost nothing)."""
+        return {"model": ModelState(self.model), "optimizer": self.manager,
+                "tamiyo": self.tamiyo, "rng": RngState()}
+
     def capture(self, epoch: int, reuse=None):
-        return capture_snapshot(
-            self.model, self.manager, self.tamiyo, epoch=epoch, global_step=epoch,
-            extra={"current_epoch": epoch + 1}, reuse=reuse,
-        )
+        return capture_snapshot(self.components, epoch=epoch, global_step=epoch, reuse=reuse)
 
     def restore(self, snapshot) -> None:
-        restore_snapshot(snapshot, self.model, self.manager, self.tamiyo)
+        restore_snapshot(snapshot, self.components)
 
 
 def _timed_capture(system: System, ring: SnapshotRing, epoch: int, recycle: bool) -> float:
@@ -107,8 +117,8 @@ def _timed_capture(system: System, ring: SnapshotRing, epoch: int, recycle: bool
 
 
 def _snapshot_bytes(snapshot) -> int:
-    tensors = list(snapshot.model.values())
-    tensors += [t for s in snapshot.optimizer["state"].values() for t in s.values()
+    tensors = list(snapshot["model"]["weights"].values())
+    tensors += [t for s in snapshot["optimizer"]["state"].values() for t in s.values()
                 if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 

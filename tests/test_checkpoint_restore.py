@@ -15,7 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria.checkpoint import CheckpointStore, capture_snapshot, restore_snapshot
+from tolaria.checkpoint import (
+    CheckpointStore,
+    ModelState,
+    RngState,
+    capture_snapshot,
+    restore_snapshot,
+)
 from tolaria.config import KasminaConfig, OptimizerConfig, SchedulerConfig, TamiyoConfig
 from tolaria.contracts import HardwareContext, SeedState, SystemStatePacket
 from tolaria.errors import CheckpointError, OptimizerManifestError
@@ -77,14 +83,18 @@ class System:
             self.manager.after_optimizer_step()
         self.manager.end_epoch(loss.item())
 
-    def capture(self, epoch: int):
+    @property
+    def components(self) -> dict:
+        return {"model": ModelState(self.model), "optimizer": self.manager,
+                "tamiyo": self.tamiyo, "rng": RngState()}
+
+    def capture(self, epoch: int, reuse=None):
         return capture_snapshot(
-            self.model, self.manager, self.tamiyo, epoch=epoch, global_step=7 * (epoch + 1),
-            extra={"current_epoch": epoch + 1},
+            self.components, epoch=epoch, global_step=7 * (epoch + 1), reuse=reuse
         )
 
     def restore(self, snapshot) -> None:
-        restore_snapshot(snapshot, self.model, self.manager, self.tamiyo)
+        restore_snapshot(snapshot, self.components)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -131,18 +141,19 @@ def test_rollback_restores_weights_optimizer_structure_and_continuation_bit_exac
     captured_weights = system.weights()
     captured_optimizer = optimizer_tensors(system.manager)
     seed_objects = dict(system.seeds)
-    assert any(name.startswith("3.kasmina.seeds.0.blueprint") for name in snapshot.model)
+    weights = snapshot["model"]["weights"]
+    assert any(name.startswith("3.kasmina.seeds.0.blueprint") for name in weights)
 
     system.train(3)  # the uninterrupted continuation is the reference
     reference = system.weights()
-    assert_tensors_equal(snapshot.model, captured_weights)  # the snapshot is a private copy
+    assert_tensors_equal(weights, captured_weights)  # the snapshot is a private copy
 
     system.restore(snapshot)
     diverge_after(system, epoch=2)
     assert system.seeds["3.0"].blueprint is None and system.seeds["3.1"].blueprint is not None
     system.restore(snapshot)
 
-    assert export_structure(system.model) == snapshot.structure
+    assert export_structure(system.model) == snapshot["model"]["structure"]
     assert system.seeds["3.0"].state is SeedState.TRAINING  # culled after: regrown
     assert system.seeds["3.1"].state is SeedState.DORMANT  # grafted after: gone
     assert system.seeds["3.1"].blueprint is None
@@ -153,8 +164,9 @@ def test_rollback_restores_weights_optimizer_structure_and_continuation_bit_exac
     system.manager.check_manifest()
     tamiyo_state = system.tamiyo.save_state_dict()
     assert tamiyo_state["detector"]["recent_losses"] == []  # the epoch-2 loss is forgotten
-    for key in ("best_validation_loss", "epochs_since_improvement", "detector"):
-        assert tamiyo_state[key] == snapshot.tamiyo[key]
+    for key in ("best_validation_loss", "epochs_since_improvement"):  # the policy's memory
+        assert tamiyo_state["policy"][key] == snapshot["tamiyo"]["policy"][key]
+    assert tamiyo_state["detector"] == snapshot["tamiyo"]["detector"]
     assert system.tamiyo.incidents.counts == {"nonfinite_loss@2": 1}  # memory survives
 
     system.train(3)
@@ -170,7 +182,7 @@ def test_same_snapshot_can_be_restored_again_after_more_training():
         system.train(2)
     system.restore(snapshot)
     assert_tensors_equal(optimizer_tensors(system.manager), captured_optimizer)
-    assert_tensors_equal(system.weights(), snapshot.model)
+    assert_tensors_equal(system.weights(), snapshot["model"]["weights"])
 
 
 def test_resume_from_disk_into_a_fresh_process_state_continues_bit_exactly(tmp_path):
@@ -185,8 +197,8 @@ def test_resume_from_disk_into_a_fresh_process_state_continues_bit_exactly(tmp_p
     fresh = System(init_seed=123)  # different initial weights, no grown seeds
     torch.manual_seed(999)  # and a different RNG position
     fresh.restore(store.load_latest())
-    assert export_structure(fresh.model) == snapshot.structure
-    assert_tensors_equal(fresh.weights(), snapshot.model)
+    assert export_structure(fresh.model) == snapshot["model"]["structure"]
+    assert_tensors_equal(fresh.weights(), snapshot["model"]["weights"])
     fresh.train(3)
     assert_tensors_equal(fresh.weights(), reference)
     assert [g["lr"] for g in fresh.manager.get_optimizer().param_groups] == reference_lrs
@@ -208,7 +220,7 @@ def test_capture_refuses_an_optimizer_that_missed_a_graft():
     snapshot = system.capture(epoch=2)
     system.train(1)
     system.restore(snapshot)
-    assert_tensors_equal(system.weights(), snapshot.model)
+    assert_tensors_equal(system.weights(), snapshot["model"]["weights"])
 
 
 def test_capture_into_a_recycled_snapshot_reuses_its_buffers_and_equals_a_fresh_capture():
@@ -217,23 +229,22 @@ def test_capture_into_a_recycled_snapshot_reuses_its_buffers_and_equals_a_fresh_
     system.train(2)
     system.seeds["3.1"].germinate("residual_mlp", epoch=2, hidden=4)  # new tensors too
     system.manager.rebuild_optimizer()
-    old_pointers = {name: t.data_ptr() for name, t in old.model.items()}
+    old_pointers = {name: t.data_ptr() for name, t in old["model"]["weights"].items()}
     fresh = system.capture(epoch=2)
-    recycled = capture_snapshot(
-        system.model, system.manager, system.tamiyo, epoch=2, global_step=21,
-        extra={"current_epoch": 3}, reuse=old,
-    )
-    assert_tensors_equal(recycled.model, fresh.model)
+    recycled = system.capture(epoch=2, reuse=old)
+    assert_tensors_equal(recycled["model"]["weights"], fresh["model"]["weights"])
     assert_tensors_equal(optimizer_tensors_of(recycled), optimizer_tensors_of(fresh))
-    assert recycled.structure == fresh.structure and recycled.tamiyo == fresh.tamiyo
-    reused = [n for n in recycled.model if recycled.model[n].data_ptr() == old_pointers.get(n)]
-    assert set(reused) == set(old.model)  # every surviving name kept its buffer
-    assert any(".seeds.1.blueprint" in n for n in set(recycled.model) - set(reused))
+    assert recycled["model"]["structure"] == fresh["model"]["structure"]
+    assert recycled["tamiyo"] == fresh["tamiyo"]
+    weights = recycled["model"]["weights"]
+    reused = [n for n in weights if weights[n].data_ptr() == old_pointers.get(n)]
+    assert set(reused) == set(old["model"]["weights"])  # every surviving name kept its buffer
+    assert any(".seeds.1.blueprint" in n for n in set(recycled["model"]["weights"]) - set(reused))
     system.train(1)
     system.restore(recycled)
-    assert_tensors_equal(system.weights(), fresh.model)
+    assert_tensors_equal(system.weights(), fresh["model"]["weights"])
 
 
 def optimizer_tensors_of(snapshot) -> dict[str, torch.Tensor]:
-    state = snapshot.optimizer["state"]
+    state = snapshot["optimizer"]["state"]
     return {f"{p}/{k}": v for p, s in state.items() for k, v in s.items()}

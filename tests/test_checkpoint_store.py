@@ -30,19 +30,23 @@ def make_snapshot(epoch: int, size: int = 16) -> Snapshot:
     return Snapshot(
         epoch=epoch,
         global_step=10 * epoch,
-        structure={"seeds": {"hidden.0.0": {"state": "training", "alpha": 0.25}}},
-        model={
-            "0.weight": torch.randn(size, 4, generator=generator),
-            "0.bias": torch.randn(size, generator=generator),
+        components={
+            "model": {
+                "structure": {"seeds": {"hidden.0.0": {"state": "training", "alpha": 0.25}}},
+                "weights": {
+                    "0.weight": torch.randn(size, 4, generator=generator),
+                    "0.bias": torch.randn(size, generator=generator),
+                },
+            },
+            "optimizer": {
+                "state": {"0.weight": {"step": torch.tensor(float(epoch)),
+                                       "exp_avg": torch.randn(size, 4, generator=generator)}},
+                "groups": [{"role": "host", "betas": (0.9, 0.999)}],
+            },
+            "tamiyo": {"incidents": [{"epoch": epoch, "kind": "divergence"}]},
+            "rng": seeded_rng_state(epoch),
+            "trainer": {"current_epoch": epoch + 1, "best_val_accuracy": 0.5},
         },
-        optimizer={
-            "state": {"0.weight": {"step": torch.tensor(float(epoch)),
-                                   "exp_avg": torch.randn(size, 4, generator=generator)}},
-            "groups": [{"role": "host", "betas": (0.9, 0.999)}],
-        },
-        tamiyo={"incidents": [{"epoch": epoch, "kind": "divergence"}]},
-        rng=seeded_rng_state(epoch),
-        extra={"current_epoch": epoch + 1, "best_val_accuracy": 0.5},
     )
 
 
@@ -59,16 +63,18 @@ def seeded_rng_state(seed: int) -> dict:
 
 def assert_snapshots_equal(a: Snapshot, b: Snapshot) -> None:
     assert (a.epoch, a.global_step) == (b.epoch, b.global_step)
-    assert (a.structure, a.tamiyo, a.extra) == (b.structure, b.tamiyo, b.extra)
-    assert list(a.model) == list(b.model)
-    for name in a.model:
-        assert a.model[name].dtype == b.model[name].dtype
-        assert torch.equal(a.model[name], b.model[name])
-    state_a, state_b = a.optimizer["state"]["0.weight"], b.optimizer["state"]["0.weight"]
+    for name in ("tamiyo", "trainer"):
+        assert a[name] == b[name]
+    assert a["model"]["structure"] == b["model"]["structure"]
+    assert list(a["model"]["weights"]) == list(b["model"]["weights"])
+    for name in a["model"]["weights"]:
+        assert a["model"]["weights"][name].dtype == b["model"]["weights"][name].dtype
+        assert torch.equal(a["model"]["weights"][name], b["model"]["weights"][name])
+    state_a, state_b = a["optimizer"]["state"]["0.weight"], b["optimizer"]["state"]["0.weight"]
     assert all(torch.equal(state_a[k], state_b[k]) for k in ("step", "exp_avg"))
-    assert a.optimizer["groups"] == b.optimizer["groups"]
-    assert torch.equal(a.rng["torch"], b.rng["torch"])
-    assert a.rng["python"] == b.rng["python"]
+    assert a["optimizer"]["groups"] == b["optimizer"]["groups"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert a["rng"]["python"] == b["rng"]["python"]
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
@@ -136,8 +142,8 @@ def test_failed_save_keeps_existing_checkpoints(tmp_path):
     store.save(make_snapshot(0))
     before = tree_bytes(tmp_path)
     bad = make_snapshot(1)
-    bad.extra["callback"] = print
-    with pytest.raises(CheckpointError, match="extra/callback"):
+    bad["trainer"]["callback"] = print
+    with pytest.raises(CheckpointError, match="trainer/callback"):
         store.save(bad)
     assert tree_bytes(tmp_path) == before
 
@@ -255,14 +261,14 @@ def test_rng_state_restores_every_generator(tmp_path, through_disk):
     torch.manual_seed(3)
     _draws()
     snapshot = make_snapshot(0)
-    snapshot.rng = capture_rng_state()
+    snapshot.components["rng"] = capture_rng_state()
     expected = _draws()
     if through_disk:
         store = CheckpointStore(tmp_path, keep=1)
         store.save(snapshot)
         snapshot = store.load_latest()
     _draws()  # move every generator on
-    restore_rng_state(snapshot.rng)
+    restore_rng_state(snapshot["rng"])
     assert _draws() == expected
 
 

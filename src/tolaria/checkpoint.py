@@ -1,9 +1,12 @@
 """Snapshots of the whole system, the in-memory rollback ring and the durable checkpoint store.
 
 A :class:`Snapshot` is everything a run needs to continue exactly from the end of one epoch
-(ARCHITECTURE §2 invariants 3-5): the grown structure, the model tensors, the optimizer
-manager's name-keyed state (with scheduler and warm-up), the Tamiyo controller's state, the
-RNG states and the trainer's counters and data-order state.
+(ARCHITECTURE §2 invariants 3-5): the ``state_dict`` of every named stateful component --
+the model with its grown structure, the optimizer manager's name-keyed state (with
+scheduler and warm-up), the Tamiyo controller, the RNG states, the data order and the
+trainer's counters.  Components are an ordered mapping of name -> :class:`Stateful`
+(Ignite's ``to_save``), restored in that order, so a new component joins checkpoints
+without a change here.
 
 Two tiers hold snapshots:
 
@@ -12,9 +15,9 @@ Two tiers hold snapshots:
 * :class:`CheckpointStore` -- durable checkpoints in ``<run_dir>/checkpoints/``, written
   crash-safely by :mod:`tolaria.checkpoint_io`, for ``tolaria resume``.
 
-:func:`restore_snapshot` rebuilds structure before weights: seeds grafted after the snapshot
-lose their blueprints and seeds culled after it are regrown, then the tensors load strictly,
-then the optimizer is rebuilt over the restored parameters and its state loaded by name.
+Structure comes before weights (:class:`ModelState`): seeds grafted after the snapshot lose
+their blueprints and seeds culled after it are regrown, then the tensors load strictly; the
+optimizer manager, restored next, matches its state to the restored parameters by name.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import random
 import re
 import shutil
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,27 +46,66 @@ from tolaria.checkpoint_io import (
 from tolaria.errors import CheckpointError
 from tolaria.kasmina import export_structure, replay_structure
 
-#: Sections of a snapshot that are nested Python state (tensors allowed anywhere inside).
-_TREE_SECTIONS = ("structure", "optimizer", "tamiyo", "rng", "extra")
+#: The layout of a snapshot inside a checkpoint's ``state.json``.  1 (Tolaria 0.1.0) had a
+#: fixed list of sections; 2 holds a mapping of named components.
+SNAPSHOT_LAYOUT = 2
+
+
+class Stateful(Protocol):
+    """What a component of a snapshot must offer.
+
+    ``state_dict`` may return live tensors (the snapshot copies them); ``load_state_dict``
+    must copy what it keeps, because the ring may restore the same snapshot twice.
+    """
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
 class Snapshot:
     """The whole system at the end of one epoch; every tensor is a private CPU copy.
 
-    ``epoch`` is the epoch whose end it captures (-1: before any training).  ``extra`` holds
-    the trainer's counters, data-order state and best metrics (JSON-able values; tensors and
-    NumPy arrays are allowed too and are stored in the tensor file).
+    ``epoch`` is the epoch whose end it captures (-1: before any training);
+    ``components`` maps each component's name to its captured state.
     """
 
     epoch: int
     global_step: int
-    structure: dict
-    model: dict[str, Tensor]
-    optimizer: dict
-    tamiyo: dict
-    rng: dict
-    extra: dict
+    components: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.components[name]
+
+
+class ModelState:
+    """The model as a component: its grown structure first, then its tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"structure": export_structure(self.model), "weights": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        replay_structure(self.model, copy.deepcopy(state["structure"]))
+        try:
+            self.model.load_state_dict(state["weights"], strict=True)
+        except RuntimeError as exc:
+            lines = str(exc).strip().splitlines()
+            raise CheckpointError(
+                "snapshot does not fit the model: " + " ".join(line.strip() for line in lines[:3])
+            ) from None
+
+
+class RngState:
+    """Python, NumPy and torch generators as a component."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,68 +114,53 @@ class Snapshot:
 
 
 def capture_snapshot(
-    model: nn.Module,
-    optimizer_manager: Any,
-    tamiyo: Any,
+    components: Mapping[str, Stateful],
     *,
     epoch: int,
     global_step: int,
-    extra: dict,
     reuse: Snapshot | None = None,
 ) -> Snapshot:
     """Copy the live system into a :class:`Snapshot` that later training cannot alter.
-
-    The optimizer must already match the model (rebuilt after any graft, cull or
-    fossilization): a snapshot without optimizer state for a trainable parameter could
-    never be restored, so that is an ``OptimizerManifestError`` now rather than later.
 
     ``reuse`` is a snapshot nobody needs any more (see :meth:`SnapshotRing.recyclable`):
     its tensors are overwritten in place wherever name, shape and dtype still match, which
     spares the allocation and page faults of fresh buffers -- most of a capture's cost.
     """
-    optimizer_manager.check_manifest()
+    pool = reuse.components if reuse is not None else {}
     return Snapshot(
         epoch=epoch,
         global_step=global_step,
-        structure=_private_copy(export_structure(model)),
-        model=_private_copy(model.state_dict(), getattr(reuse, "model", None)),
-        optimizer=_private_copy(optimizer_manager.state_dict(), getattr(reuse, "optimizer", None)),
-        tamiyo=_private_copy(tamiyo.save_state_dict()),
-        rng=capture_rng_state(),  # fresh objects on every call: nothing to copy
-        extra=_private_copy(extra),
+        components={
+            name: _private_copy(component.state_dict(), pool.get(name))
+            for name, component in components.items()
+        },
     )
 
 
-def restore_snapshot(
-    snapshot: Snapshot,
-    model: nn.Module,
-    optimizer_manager: Any,
-    tamiyo: Any,
-    *,
-    restore_rng: bool = True,
-) -> None:
-    """Put the live system back to ``snapshot``; the snapshot itself is left untouched.
+def restore_snapshot(snapshot: Snapshot, components: Mapping[str, Stateful]) -> None:
+    """Put each of ``components`` back to ``snapshot``, in order; the snapshot is untouched.
 
-    Order matters: the structure must exist before its tensors can load, and the optimizer
-    must be rebuilt over the restored parameter set before its state can be matched to it
-    by name.  The ring may restore the same snapshot again, so nothing may keep a reference
-    into it: ``load_state_dict`` of the model and of the optimizer manager copy tensors,
-    the JSON sections are deep-copied here.
+    Every container is rebuilt before it is handed over, so a component that keeps a
+    list or dict from its state cannot alias the snapshot; tensors are passed as they are
+    (loaders copy them: see :class:`Stateful`).
     """
-    replay_structure(model, copy.deepcopy(snapshot.structure))
-    try:
-        model.load_state_dict(snapshot.model, strict=True)
-    except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
+    missing = [name for name in components if name not in snapshot.components]
+    if missing:
         raise CheckpointError(
-            f"snapshot of epoch {snapshot.epoch} does not fit the model: "
-            + " ".join(line.strip() for line in lines[:3])
-        ) from None
-    optimizer_manager.rebuild_optimizer()
-    optimizer_manager.load_state_dict(snapshot.optimizer)
-    tamiyo.load_state_dict(copy.deepcopy(snapshot.tamiyo))
-    if restore_rng:
-        restore_rng_state(snapshot.rng)
+            f"snapshot of epoch {snapshot.epoch} has no state for {', '.join(missing)}"
+        )
+    for name, component in components.items():
+        component.load_state_dict(_fresh_containers(snapshot.components[name]))
+
+
+def _fresh_containers(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _fresh_containers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_fresh_containers(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_fresh_containers(v) for v in tree)
+    return tree
 
 
 _ATOMS = (int, float, str, bool, type(None))
@@ -322,25 +349,33 @@ class CheckpointStore:
 def load_snapshot(path: Path) -> Snapshot:
     """Read and verify one checkpoint directory (see :func:`read_checkpoint_dir`)."""
     tensors, state = read_checkpoint_dir(Path(path))
-    try:
-        model = {name: tensors[f"model/{name}"] for name in state["model"]}
-        sections = {name: join_tensors(state[name], tensors) for name in _TREE_SECTIONS}
-        return Snapshot(
-            epoch=int(state["epoch"]), global_step=int(state["global_step"]), model=model,
-            **sections,
+    layout = state.get("layout", 1)
+    if layout != SNAPSHOT_LAYOUT:
+        raise CheckpointError(
+            f"{path}: snapshot layout {layout!r} was written by another Tolaria release; "
+            f"this one reads layout {SNAPSHOT_LAYOUT} (start a new run)"
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    try:
+        components = {
+            name: join_tensors(document, tensors) for name, document in state["components"].items()
+        }
+        return Snapshot(
+            epoch=int(state["epoch"]), global_step=int(state["global_step"]), components=components
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: state does not describe a snapshot ({exc!r})") from None
 
 
 def _to_files(snapshot: Snapshot) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = {f"model/{name}": t for name, t in snapshot.model.items()}
-    state: dict[str, Any] = {
+    tensors: dict[str, Tensor] = {}
+    documents = {}
+    for name, component in snapshot.components.items():
+        documents[name], component_tensors = split_tensors(component, name)
+        tensors.update(component_tensors)
+    state = {
+        "layout": SNAPSHOT_LAYOUT,
         "epoch": snapshot.epoch,
         "global_step": snapshot.global_step,
-        "model": list(snapshot.model),
+        "components": documents,
     }
-    for name in _TREE_SECTIONS:
-        state[name], section_tensors = split_tensors(getattr(snapshot, name), name)
-        tensors.update(section_tensors)
     return tensors, state

@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from tolaria.atomic import fsync_dir
 from tolaria.errors import CheckpointError
 
 FORMAT = "tolaria.checkpoint"
@@ -157,12 +158,12 @@ def write_checkpoint_dir(
         }
         manifest = {"format": FORMAT, "version": VERSION, "files": files}
         _write_synced(temp / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])  # last
-        _fsync_dir(temp)
+        fsync_dir(temp)
         os.replace(temp, final)
     except OSError as exc:  # a full disk, a read-only or vanished directory
         shutil.rmtree(temp, ignore_errors=True)
         raise CheckpointError(f"{final}: cannot write the checkpoint ({exc})") from None
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -219,20 +220,6 @@ def _write_synced(path: Path, chunks: list[bytes | memoryview]) -> dict[str, Any
         file.flush()
         os.fsync(file.fileno())
     return {"sha256": digest.hexdigest(), "bytes": size}
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable (POSIX; a no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; nothing more we can do
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------

@@ -200,7 +200,11 @@ class DynamicOptimizerManager:
         ``torch.optim``, the tensors are the live ones (no copy): clone them to keep a
         snapshot across further steps.  Every other value is JSON-able (Python's ``json``;
         ReduceLROnPlateau's ``best`` may be ``Infinity``).
+
+        An optimizer that missed a graft is refused (``OptimizerManifestError``): a state
+        without an entry for a trainable parameter could never be restored.
         """
+        self.check_manifest()
         return {
             "format": STATE_FORMAT,
             "optimizer": self.config.name,
