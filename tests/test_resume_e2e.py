@@ -153,9 +153,10 @@ def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
     snapshot = rollback["snapshot"]
     assert snapshot.epoch == poison_epoch - 1
     assert rollback["global_step"] == snapshot.global_step
-    grown = [s for s in snapshot.structure["seeds"] if s["state"] != SeedState.DORMANT.value]
+    structure, weights = snapshot["model"]["structure"], snapshot["model"]["weights"]
+    grown = [s for s in structure["seeds"] if s["state"] != SeedState.DORMANT.value]
     assert grown, "the run should have grown before the incident"
-    assert any(".blueprint." in name for name in snapshot.model)  # grafted weights restored
+    assert any(".blueprint." in name for name in weights)  # grafted weights restored
 
     # Restored bit-exactly -- except the seeds on trial at the incident, which the
     # controller culls before the epoch is replayed (each one logged as an adaptation).
@@ -163,7 +164,7 @@ def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
               .splitlines()]
     amended = {e["seed_id"] for e in events
                if e["event"] == "adaptation" and "incident" in e["reason"]}
-    on_trial = {s["seed_id"] for s in snapshot.structure["seeds"]
+    on_trial = {s["seed_id"] for s in structure["seeds"]
                 if s["state"] not in ("dormant", "culled", "fossilized")}
     assert amended == on_trial and amended, "some seed should be on trial at the incident"
 
@@ -174,12 +175,11 @@ def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
     def owned_by_amended(name: str) -> bool:
         return bool(prefixes) and name.startswith(prefixes)
 
-    kept = {name for name in snapshot.model if not owned_by_amended(name)}
+    kept = {name for name in weights if not owned_by_amended(name)}
     assert set(rollback["weights"]) == kept
     for name in kept:
-        assert torch.equal(rollback["weights"][name], snapshot.model[name]), name
-    for before, after in zip(snapshot.structure["seeds"], rollback["structure"]["seeds"],
-                             strict=True):
+        assert torch.equal(rollback["weights"][name], weights[name]), name
+    for before, after in zip(structure["seeds"], rollback["structure"]["seeds"], strict=True):
         if before["seed_id"] in amended:
             assert after["state"] == "culled"
         else:

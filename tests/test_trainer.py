@@ -38,7 +38,7 @@ class ScriptedController:
         self.calls.append(("on_rollback", restored_epoch))
         return AdaptationSignal()
 
-    def save_state_dict(self):
+    def state_dict(self):
         return {"steps": self.steps}
 
     def load_state_dict(self, state):
@@ -199,8 +199,8 @@ def test_a_torn_last_record_is_ignored_and_rewind_drops_later_epochs(tmp_path, t
     run = RunDirectory.create(tmp_path / "run", tiny_config)
     for epoch in range(4):
         run.log_metrics({"epoch": epoch, "val_accuracy": 0.5})
-        run.log_event("decision", epoch=epoch, decision_id=f"d{epoch}")
-    run.log_event("note")  # events without an epoch are kept
+        run.log_event({"event": "decision", "epoch": epoch, "decision_id": f"d{epoch}"})
+    run.log_event({"event": "note"})  # events without an epoch are kept
     with open(run.path / "metrics.jsonl", "a") as stream:
         stream.write('{"epoch": 4, "val_acc')  # killed mid-write
     assert [m["epoch"] for m in run.metrics()] == [0, 1, 2, 3]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from tolaria.config import TolariaConfig
 from tolaria.data import DataBundle, load_data
 from tolaria.hosts import build_host, count_parameters
 from tolaria.kasmina import find_seeds, inject_seeds
-from tolaria.progress import ProgressReporter
+from tolaria.plugins import make_callbacks
 from tolaria.rundir import RunDirectory
 from tolaria.tamiyo import TamiyoController
 from tolaria.trainer import TolariaTrainer
@@ -35,12 +36,14 @@ def build_trainer(
     run_dir: RunDirectory | Path | None = None,
     model: nn.Module | None = None,
     data: DataBundle | None = None,
-    progress: ProgressReporter | None = None,
+    callbacks: Iterable[object] = (),
 ) -> TolariaTrainer:
     """Assemble a ready-to-train system; pass your own ``model``/``data`` to bypass the config's.
 
-    A new run directory (given as a path) is created only once data, host and seeds have
-    been built, so a mistake in any of them leaves nothing behind.
+    ``callbacks`` (see :mod:`tolaria.events`) observe the run after the run directory's
+    own, and before those ``run.callbacks`` names.  A new run directory (given as a path)
+    is created only once data, host, seeds and callbacks have been built, so a mistake in
+    any of them leaves nothing behind.
     """
     seed_everything(config.run.seed)
     data = data if data is not None else load_data(config.data, config.run.seed)
@@ -49,15 +52,12 @@ def build_trainer(
     host_parameters = count_parameters(model)
     if config.kasmina.layers:
         inject_seeds(model, config.kasmina)
-    if isinstance(run_dir, Path | str):
-        run_dir = RunDirectory.create(Path(run_dir), config)
     tamiyo = TamiyoController(
-        config.tamiyo,
-        config.kasmina,
-        num_classes=data.num_classes,
-        host_parameters=host_parameters,
-        event_sink=run_dir.log_event if run_dir is not None else None,
+        config.tamiyo, config.kasmina, num_classes=data.num_classes, host_parameters=host_parameters
     )
     for seed in find_seeds(model):
         tamiyo.register_seed(seed)
-    return TolariaTrainer(model, tamiyo, config, data=data, run_dir=run_dir, progress=progress)
+    callbacks = [*callbacks, *make_callbacks(config.run.callbacks)]
+    if isinstance(run_dir, Path | str):
+        run_dir = RunDirectory.create(Path(run_dir), config)
+    return TolariaTrainer(model, tamiyo, config, data=data, run_dir=run_dir, callbacks=callbacks)

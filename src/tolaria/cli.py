@@ -12,7 +12,6 @@ from rich.table import Table
 
 from tolaria.config import load_config
 from tolaria.errors import TolariaError
-from tolaria.progress import NullProgress, RichProgress
 from tolaria.rundir import RunDirectory
 
 
@@ -77,7 +76,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     config = load_config(args.config, args.overrides)
     path = args.run_dir or RunDirectory.default_path(config)
     RunDirectory.check_free(path)  # fail before minutes of data generation, not after
-    trainer = build_trainer(config, run_dir=path, progress=_progress(config, console))
+    trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, console))
     console.print(f"run directory: [bold]{path}[/]")
     _print_summary(trainer.train(), path)
     return 0
@@ -86,30 +85,47 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer
 
-    run_dir, config = RunDirectory.open_existing(args.run_dir)
-    summary_file = run_dir.path / "summary.json"
-    if summary_file.exists() and json.loads(summary_file.read_text()).get("status") == "completed":
-        console.print(f"{run_dir.path} already completed its {config.run.epochs} epochs")
+    if _completed(args.run_dir):  # asked before locking: a finished run is left untouched
+        _, config = RunDirectory.open_existing(args.run_dir, lock=False)
+        console.print(f"{args.run_dir} already completed its {config.run.epochs} epochs")
         return 0
-    trainer = build_trainer(config, run_dir=run_dir, progress=_progress(config, console))
-    epoch = trainer.resume(
-        on_skip=lambda path, reason: console.print(f"[yellow]skipping checkpoint {path}: {reason}")
-    )
+    run_dir, config = RunDirectory.open_existing(args.run_dir)  # locked until the run ends
+    try:
+        trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
+        epoch = trainer.resume(
+            on_skip=lambda path, reason: console.print(
+                f"[yellow]skipping checkpoint {path}: {reason}"
+            )
+        )
+    except BaseException:
+        run_dir.close()
+        raise
     console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
     _print_summary(trainer.train(), run_dir.path)
     return 0
 
 
+def _completed(run_dir: Path) -> bool:
+    summary_file = Path(run_dir) / "summary.json"
+    if not summary_file.exists():
+        return False
+    return json.loads(summary_file.read_text()).get("status") == "completed"
+
+
 def _plot(args: argparse.Namespace, console: Console) -> int:
     from tolaria.plots import plot_run
 
-    run_dir, _ = RunDirectory.open_existing(args.run_dir)
+    run_dir, _ = RunDirectory.open_existing(args.run_dir, lock=False)  # only reads
     console.print(f"wrote {plot_run(run_dir, args.out)}")
     return 0
 
 
-def _progress(config, console: Console):
-    return RichProgress(console) if config.run.progress else NullProgress()
+def _progress(config, console: Console) -> list:
+    if not config.run.progress:
+        return []
+    from tolaria.progress import RichProgress
+
+    return [RichProgress(console)]
 
 
 def _print_summary(summary: dict, path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tolaria.errors import ConfigError
 
@@ -22,6 +22,19 @@ class Section(BaseModel):
     """Unknown keys are errors: a typo must never silently fall back to a default."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CallbackConfig(Section):
+    """A user callback: ``module:Class`` built with ``kwargs`` (see ``tolaria.events``)."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_reference(cls, value: Any) -> Any:
+        # The short form: a bare "module:Class" string.
+        return {"name": value} if isinstance(value, str) else value
 
 
 class RunConfig(Section):
@@ -38,6 +51,8 @@ class RunConfig(Section):
     runs_root: str = "runs"
     progress: bool = True
     tensorboard: bool = True
+    #: Your callbacks, after the built-in ones: ``["module:Class", {name: ..., kwargs: ...}]``.
+    callbacks: list[CallbackConfig] = Field(default_factory=list)
 
 
 class DataConfig(Section):

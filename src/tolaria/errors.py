@@ -31,3 +31,7 @@ class OptimizerManifestError(TolariaError):
 
 class RepeatedFailureError(TolariaError):
     """The same emergency recurred too often: rolling back again would loop forever."""
+
+
+class RunDirectoryInUse(TolariaError):
+    """Another process holds the run directory: it has one writer."""

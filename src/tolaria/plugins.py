@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tolaria.errors import ConfigError
+from tolaria.errors import ConfigError, TolariaError
 
 
 def is_reference(name: str) -> bool:
@@ -77,3 +77,28 @@ def check_kwargs(
                 f"(accepted: {', '.join(accepted) or 'none'})"
             ) from None
         raise ConfigError(f"{field}: {exc}") from None
+
+
+def construct(factory: Callable[..., Any], field: str, *args: Any, **kwargs: Any) -> Any:
+    """Call user code named in the config; a failure inside it is one line naming ``field``.
+
+    A Tolaria error raised inside passes through as it is (it already names its cause).
+    """
+    try:
+        return factory(*args, **kwargs)
+    except TolariaError:
+        raise
+    except Exception as exc:
+        name = getattr(factory, "__qualname__", repr(factory))
+        raise ConfigError(f"{field}: {name}(...) raised {exc!r}") from exc
+
+
+def make_callbacks(specs: Sequence[Any]) -> list[Any]:
+    """The callbacks ``run.callbacks`` names (``module:Class`` with ``kwargs``), built."""
+    callbacks = []
+    for index, spec in enumerate(specs):
+        field = f"run.callbacks.{index}"
+        factory = resolve_callable(spec.name, f"{field}.name")
+        check_kwargs(factory, spec.kwargs, f"{field}.kwargs")
+        callbacks.append(construct(factory, f"{field}.name={spec.name!r}", **spec.kwargs))
+    return callbacks

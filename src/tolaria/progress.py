@@ -1,51 +1,24 @@
-"""Live progress for long runs: epoch and batch bars, validation accuracy, seed states."""
+"""Live progress for long runs, as a callback: epoch and batch bars, validation accuracy,
+seed states, and a line for every seed transition and rollback as it happens."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-
-class ProgressReporter(Protocol):
-    def start(self, first_epoch: int, total_epochs: int) -> None: ...
-    def start_epoch(self, epoch: int, batches: int) -> None: ...
-    def advance_batch(self) -> None: ...
-    def end_epoch(self, record: dict[str, Any]) -> None: ...
-    def note(self, message: str) -> None: ...
-    def stop(self) -> None: ...
+from tolaria.events import Callback
 
 
-class NullProgress:
-    """For tests, scripts and non-interactive use: reports nothing."""
-
-    def start(self, first_epoch: int, total_epochs: int) -> None:
-        pass
-
-    def start_epoch(self, epoch: int, batches: int) -> None:
-        pass
-
-    def advance_batch(self) -> None:
-        pass
-
-    def end_epoch(self, record: dict[str, Any]) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
-def describe_seeds(seed_states: dict[str, str]) -> str:
-    counts = Counter(seed_states.values())
+def describe_seeds(seed_states: Mapping[str, Any]) -> str:
+    counts = Counter(str(state) for state in seed_states.values())
     return " ".join(f"{state}:{n}" for state, n in sorted(counts.items())) or "no seeds"
 
 
-class RichProgress:
+class RichProgress(Callback):
     """Two bars (epochs, batches of this epoch) and a status line after each epoch."""
 
     def __init__(self, console: Console | None = None) -> None:
@@ -62,28 +35,42 @@ class RichProgress:
         self._epochs = None
         self._batches = None
 
-    def start(self, first_epoch: int, total_epochs: int) -> None:
+    def on_run_start(self, trainer: Any, record: Any) -> None:
         self._progress.start()
         self._epochs = self._progress.add_task(
-            "epochs", total=total_epochs, completed=first_epoch, status=""
+            "epochs", total=record.epochs, completed=record.epoch, status=""
         )
         self._batches = self._progress.add_task("batches", total=1, status="")
 
-    def start_epoch(self, epoch: int, batches: int) -> None:
-        self._progress.reset(self._batches, total=batches, description=f"epoch {epoch}")
+    def on_epoch_start(self, trainer: Any, record: Any) -> None:
+        description = f"epoch {record.epoch}"
+        self._progress.reset(self._batches, total=record.batches, description=description)
 
-    def advance_batch(self) -> None:
+    def on_batch_end(self, trainer: Any, record: Any) -> None:
         self._progress.advance(self._batches)
 
-    def end_epoch(self, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Any, record: Any) -> None:
         status = (
-            f"val acc {record['val_accuracy']:.3f}  loss {record['val_loss']:.3f}  "
-            f"params {record['params']:,}  seeds {describe_seeds(record['seed_states'])}"
+            f"val acc {record.val_accuracy:.3f}  loss {record.val_loss:.3f}  "
+            f"params {record.params:,}  seeds {describe_seeds(record.seed_states)}"
         )
-        self._progress.update(self._epochs, completed=record["epoch"] + 1, status=status)
+        self._progress.update(self._epochs, completed=record.epoch + 1, status=status)
 
-    def note(self, message: str) -> None:
-        self._progress.console.print(message)
+    def on_adaptation(self, trainer: Any, record: Any) -> None:
+        blueprint = f" ({record.blueprint})" if record.blueprint else ""
+        self._note(
+            f"epoch {record.epoch}: {record.seed_id}{blueprint} "
+            f"{record.from_state.value} -> {record.to_state.value}: {record.reason}"
+        )
 
-    def stop(self) -> None:
+    def on_rollback(self, trainer: Any, record: Any) -> None:
+        self._note(
+            f"[red]rollback[/] at epoch {record.epoch} "
+            f"to the end of epoch {record.restored_epoch}: {record.reason}"
+        )
+
+    def on_run_end(self, trainer: Any, record: Any) -> None:
         self._progress.stop()
+
+    def _note(self, message: str) -> None:
+        self._progress.console.print(message)

@@ -1,65 +1,96 @@
-"""The run directory: everything a run leaves behind for the researcher.
+"""The run directory: everything a run leaves behind for the researcher, kept live.
 
 ```
 <run_dir>/
   config.yaml      the resolved configuration (what `tolaria resume` rebuilds from)
-  metrics.jsonl    one JSON object per epoch
-  events.jsonl     every adaptation, decision, incident and rollback, with its reason
+  metrics.jsonl    one epoch_end record per epoch run (docs/events.md)
+  events.jsonl     every decision, outcome, adaptation, incident, rollback, checkpoint
+  status.json      phase, epoch, heartbeat, pid, host: rewritten as the run goes
   tensorboard/     scalars for `tensorboard --logdir <run_dir>`
   checkpoints/     durable checkpoints (see tolaria.checkpoint)
   summary.json     written when the run ends
+  .lock            held (flock) by the one process writing this directory
 ```
+
+A run directory has one writer: :class:`RunDirectory` takes an exclusive lock when it is
+created or opened and holds it until :meth:`RunDirectory.close`.  A second ``train`` or
+``resume`` is refused with one line naming the holder; the kernel drops the lock of a
+process that dies, so a stale lock of a killed run is simply taken over.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from tolaria import records
+from tolaria.atomic import write_atomic
 from tolaria.config import TolariaConfig, load_config
-from tolaria.errors import CheckpointError, ConfigError
+from tolaria.errors import CheckpointError, ConfigError, RunDirectoryInUse
+from tolaria.events import Callback
+
+LOCK_FILE = ".lock"
+STATUS_FILE = "status.json"
+#: Seconds between heartbeats inside an epoch (a dashboard calls a run stalled after a few).
+HEARTBEAT_S = 5.0
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as strings so every line stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "value") and isinstance(getattr(value, "value", None), str):
-        return value.value  # enums such as SeedState
-    return value
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock``, which also names its holder."""
 
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / LOCK_FILE
+        self._file = None
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    def acquire(self) -> None:
+        file = open(self.path, "a+")  # noqa: SIM115 -- held open for the run's life
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise RunDirectoryInUse(
+                f"{self.path.parent} is in use by {holder}; wait for it to end or stop it"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
 
 class RunDirectory:
     """Owns the files of one run.  ``create`` refuses a folder that already holds a run."""
 
-    def __init__(self, path: Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.checkpoint_dir = self.path / "checkpoints"
-        self._tensorboard = tensorboard
-        self._writer = None
-        self._purge_step: int | None = None  # set by rewind() when a run resumes
+        self.lock = RunLock(self.path)
 
     @classmethod
     def create(cls, path: Path, config: TolariaConfig) -> RunDirectory:
         path = Path(path)
-        cls.check_free(path)
         path.mkdir(parents=True, exist_ok=True)
-        run = cls(path, tensorboard=config.run.tensorboard)
-        (path / "config.yaml").write_text(config.to_yaml())
+        run = cls(path)
+        run.lock.acquire()  # before the check: two `train --run-dir D` at once, one wins
+        try:
+            cls.check_free(path)
+            write_atomic(path / "config.yaml", config.to_yaml())
+        except BaseException:
+            run.close()
+            raise
         return run
 
     @staticmethod
@@ -71,14 +102,21 @@ class RunDirectory:
             )
 
     @classmethod
-    def open_existing(cls, path: Path) -> tuple[RunDirectory, TolariaConfig]:
-        """An earlier run's folder and the configuration it ran with, for `tolaria resume`."""
+    def open_existing(cls, path: Path, *, lock: bool = True) -> tuple[RunDirectory, TolariaConfig]:
+        """An earlier run's folder (locked, unless only read) and the configuration it ran
+        with."""
         path = Path(path)
         config_file = path / "config.yaml"
         if not config_file.exists():
             raise ConfigError(f"{path}: not a run directory (no config.yaml)")
-        config = load_config(config_file)
-        return cls(path, tensorboard=config.run.tensorboard), config
+        run = cls(path)
+        if lock:
+            run.lock.acquire()
+        try:
+            return run, load_config(config_file)
+        except BaseException:
+            run.close()
+            raise
 
     @staticmethod
     def default_path(config: TolariaConfig) -> Path:
@@ -88,16 +126,9 @@ class RunDirectory:
     # -- streams -------------------------------------------------------------------------
     def log_metrics(self, record: dict[str, Any]) -> None:
         self._append("metrics.jsonl", record)
-        writer = self._tb()
-        if writer is not None:
-            step = record["epoch"]
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, int | float):
-                    writer.add_scalar(key.replace("_", "/", 1), value, step)
-            writer.flush()
 
-    def log_event(self, kind: str, **fields: Any) -> None:
-        self._append("events.jsonl", {"event": kind, "time": time.time(), **fields})
+    def log_event(self, record: dict[str, Any]) -> None:
+        self._append("events.jsonl", {**record, "time": time.time()})
 
     def metrics(self) -> list[dict[str, Any]]:
         return self._read("metrics.jsonl")
@@ -106,52 +137,115 @@ class RunDirectory:
         return self._read("events.jsonl")
 
     def rewind(self, last_epoch: int) -> None:
-        """Forget the records of epochs after ``last_epoch``: a resumed run runs them again.
-
-        Metrics and events of later epochs are dropped (so no decision or outcome is logged
-        twice) and TensorBoard purges its scalars from ``last_epoch + 1`` on.
-        """
+        """Forget the records of epochs after ``last_epoch``: a resumed run runs them again,
+        and must log no decision or outcome twice."""
         for name in ("metrics.jsonl", "events.jsonl"):
             kept = [r for r in self._read(name) if r.get("epoch", last_epoch) <= last_epoch]
-            tmp = self.path / f".{name}.tmp"
-            tmp.write_text("".join(json.dumps(_jsonable(r), sort_keys=True) + "\n" for r in kept))
-            os.replace(tmp, self.path / name)
-        self._purge_step = last_epoch + 1
+            write_atomic(self.path / name, "".join(records.encode(r) + "\n" for r in kept))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json_atomic(self.path / "summary.json", summary)
+        write_atomic(self.path / "summary.json", records.encode(summary, indent=2) + "\n")
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        write_atomic(self.path / STATUS_FILE, records.encode(status, indent=2) + "\n",
+                     durable=False)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.lock.release()
 
     # -- helpers -------------------------------------------------------------------------
     def _append(self, name: str, record: dict[str, Any]) -> None:
         # One line per write, flushed at once, so a killed run keeps every complete record.
         with open(self.path / name, "a") as stream:
-            stream.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+            stream.write(records.encode(record) + "\n")
 
     def _read(self, name: str) -> list[dict[str, Any]]:
         file = self.path / name
         if not file.exists():
             return []
         lines = [line for line in file.read_text().splitlines() if line.strip()]
-        records = []
+        found = []
         for number, line in enumerate(lines, start=1):
             try:
-                records.append(json.loads(line))
+                found.append(records.decode(line))
             except json.JSONDecodeError:
                 if number < len(lines):
                     raise CheckpointError(f"{file}: line {number} is not JSON") from None
                 # A last line cut short by a crash mid-write: the record never completed.
-        return records
+        return found
 
-    def _tb(self):
-        if self._tensorboard and self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
-            self._writer = SummaryWriter(
-                log_dir=str(self.path / "tensorboard"), purge_step=self._purge_step
-            )
-        return self._writer
+class RunLogger(Callback):
+    """Writes ``events.jsonl``, ``metrics.jsonl`` and ``summary.json`` from the records."""
+
+    def __init__(self, run_dir: RunDirectory) -> None:
+        self.run_dir = run_dir
+
+    def on_event(self, trainer: Any, record: records.EventRecord) -> None:
+        if record.logged:
+            self.run_dir.log_event(record.to_dict())
+
+    def on_epoch_end(self, trainer: Any, record: records.EpochEnd) -> None:
+        self.run_dir.log_metrics(record.to_dict())
+
+    def on_resume(self, trainer: Any, record: records.Resume) -> None:
+        self.run_dir.rewind(record.checkpoint_epoch)
+        self.on_event(trainer, record)
+
+    def on_run_end(self, trainer: Any, record: records.RunEnd) -> None:
+        self.on_event(trainer, record)
+        self.run_dir.write_summary(dict(record.summary))
+
+
+class StatusWriter(Callback):
+    """Keeps ``status.json`` current: what the run is doing, and that it is alive."""
+
+    def __init__(self, run_dir: RunDirectory) -> None:
+        self.run_dir = run_dir
+        self.started = time.time()
+        self._last_beat = 0.0
+
+    def _write(self, trainer: Any, record: records.EventRecord, phase: str) -> None:
+        self._last_beat = time.monotonic()
+        self.run_dir.write_status({
+            "schema": records.SCHEMA_VERSION,
+            "phase": phase,
+            "epoch": record.epoch,
+            "epochs": trainer.config.run.epochs,
+            "attempt": record.attempt,
+            "heartbeat": time.time(),
+            "started": self.started,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        })
+
+    def on_run_start(self, trainer: Any, record: Any) -> None:
+        self._write(trainer, record, "starting")
+
+    def on_epoch_start(self, trainer: Any, record: Any) -> None:
+        self._write(trainer, record, "training")
+
+    def on_batch_end(self, trainer: Any, record: Any) -> None:
+        if time.monotonic() - self._last_beat >= HEARTBEAT_S:
+            self._write(trainer, record, "training")
+
+    def on_train_end(self, trainer: Any, record: Any) -> None:
+        self._write(trainer, record, "validating")
+
+    def on_validation_end(self, trainer: Any, record: Any) -> None:
+        self._write(trainer, record, "deciding")
+
+    def on_run_end(self, trainer: Any, record: records.RunEnd) -> None:
+        self._write(trainer, record, record.status)
+
+
+def run_directory_callbacks(run_dir: RunDirectory | None, config: TolariaConfig) -> list:
+    """The callbacks that keep ``run_dir`` written: files, status, TensorBoard."""
+    if run_dir is None:
+        return []
+    callbacks: list = [RunLogger(run_dir), StatusWriter(run_dir)]
+    if config.run.tensorboard:
+        from tolaria.tensorboard import TensorBoardLogger  # light: it imports TB when used
+
+        callbacks.append(TensorBoardLogger(run_dir.path / "tensorboard"))
+    return callbacks

@@ -9,10 +9,12 @@ Per epoch::
     assemble SystemStatePacket
     signal = tamiyo.step(packet)
     rollback  -> restore the newest snapshot older than this epoch, the run goes on
-    otherwise -> snapshot (memory every epoch, disk every N), then rebuild the optimizer if flagged
+    otherwise -> rebuild the optimizer if flagged, then snapshot (memory every epoch, disk
+                 every N)
 
-The trainer knows the components only through their interfaces (contracts, the Tamiyo
-methods above, DynamicOptimizerManager, tolaria.checkpoint); it never looks inside a seed.
+Every step emits an event (:mod:`tolaria.events`) to the callbacks: the run directory,
+TensorBoard and the progress display observe the run that way, and the trainer knows
+the components only through their protocols (:mod:`tolaria.components`).
 """
 
 from __future__ import annotations
@@ -20,29 +22,35 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tolaria import records
 from tolaria.checkpoint import (
     CheckpointStore,
+    ModelState,
+    RngState,
+    Snapshot,
     SnapshotRing,
     capture_snapshot,
     restore_snapshot,
 )
+from tolaria.components import Controller, SnapshotStore
 from tolaria.config import TolariaConfig
-from tolaria.contracts import AdaptationSignal, EvalMetrics, SystemStatePacket
+from tolaria.contracts import Adaptation, AdaptationSignal, EvalMetrics, SystemStatePacket
 from tolaria.data import DataBundle, load_data, make_loaders
 from tolaria.errors import CheckpointError, TolariaError
+from tolaria.events import Callbacks, Event
 from tolaria.hardware import HardwareMonitor, resolve_device
 from tolaria.hosts import count_parameters
 from tolaria.kasmina import ablated
 from tolaria.optim import DynamicOptimizerManager
-from tolaria.progress import NullProgress, ProgressReporter
-from tolaria.rundir import RunDirectory
+from tolaria.rundir import RunDirectory, run_directory_callbacks
+from tolaria.summary import run_summary
 
 #: Batches between checks of the running loss for NaN/inf.  Each check is one host sync;
 #: this keeps it far from every batch while still stopping a diverged epoch early.
@@ -58,12 +66,12 @@ class TolariaTrainer:
     def __init__(
         self,
         model: nn.Module,
-        tamiyo: Any,
+        tamiyo: Controller,
         config: TolariaConfig,
         *,
         data: DataBundle | None = None,
         run_dir: RunDirectory | Path | None = None,
-        progress: ProgressReporter | None = None,
+        callbacks: Iterable[object] = (),
     ) -> None:
         self.config = config
         if config.run.num_threads:
@@ -77,7 +85,8 @@ class TolariaTrainer:
         if isinstance(run_dir, Path | str):
             run_dir = RunDirectory.create(Path(run_dir), config)
         self.run_dir = run_dir
-        self.progress: ProgressReporter = progress or NullProgress()
+        self.callbacks = Callbacks([*run_directory_callbacks(run_dir, config), *callbacks])
+        tamiyo.event_sink = self._controller_event
         self.loss_fn = nn.CrossEntropyLoss()
         self.amp = config.run.amp and self.device.type == "cuda"
         # Loaders yield CPU tensors: only another device needs a copy per batch.
@@ -93,11 +102,20 @@ class TolariaTrainer:
         self.optimizer = self.optimizer_manager.get_optimizer()
         self.hardware_monitor = HardwareMonitor(self.device)
         self.snapshots = SnapshotRing(config.checkpoint.memory_snapshots)
-        self.store = (
+        self.store: SnapshotStore | None = (
             CheckpointStore(self.run_dir.checkpoint_dir, config.checkpoint.keep)
             if self.run_dir is not None
             else None
         )
+        #: What a snapshot holds besides the trainer's own counters, in restore order
+        #: (structure and weights before the optimizer that is matched to them by name).
+        self.components = {
+            "model": ModelState(self.model),
+            "optimizer": self.optimizer_manager,
+            "tamiyo": self.tamiyo,
+            "rng": RngState(),
+            "data_order": self.loaders.train_sampler,
+        }
 
         self.current_epoch = 0
         self.global_step = 0
@@ -108,72 +126,84 @@ class TolariaTrainer:
         self._started = time.perf_counter()
         self._last_durable_epoch: int | None = None
         self._rollbacks_at: dict[int, int] = {}  # incident epoch -> rollbacks it caused
+        self._attempts: dict[int, int] = {}  # epoch -> times it has been started
         self.last_record: dict[str, Any] | None = None
         # The state before any training: what an incident in the first epoch rolls back to.
         self.snapshots.push(self._capture(epoch=-1))
 
     # ------------------------------------------------------------------ the run
     def train(self) -> dict[str, Any]:
-        """Run the remaining epochs; return (and write) the run summary.
+        """Run the remaining epochs; return the run summary (``run_end`` carries it).
 
         A ``TolariaError`` (e.g. the controller giving up after repeated failures) still
-        writes ``summary.json`` with ``status: failed`` and the message before it propagates.
+        ends the run with ``status: failed`` and the message before it propagates.
         """
         self._started = time.perf_counter()
         epochs = self.config.run.epochs
-        self._event("run_start", epoch=self.current_epoch, params=count_parameters(self.model))
-        self.progress.start(self.current_epoch, epochs)
+        self._emit(records.RunStart, epochs=epochs, params=count_parameters(self.model),
+                   device=self.device.type)
         status, error = "failed", None
         try:
             while self.current_epoch < epochs:
                 self.run_epoch(self.current_epoch)
             if self.store is not None and self._last_durable_epoch != self.current_epoch - 1:
-                self.store.save(self._capture(epoch=self.current_epoch - 1))
+                self._save_durable(self._capture(epoch=self.current_epoch - 1))
             status = "completed"
         except TolariaError as exc:
             error = str(exc)
-            self._event("run_failed", epoch=self.current_epoch, error=error)
+            raise
+        except KeyboardInterrupt:
+            status = "interrupted"
             raise
         finally:
-            self.progress.stop()
-            summary = self.summary(status=status, error=error)
+            summary = run_summary(self, status=status, error=error)
+            self._emit(records.RunEnd, status=status, error=error, summary=summary)
             if self.run_dir is not None:
-                self.run_dir.write_summary(summary)
-                self.run_dir.close()
+                self.run_dir.close()  # after every callback: the lock goes last
         return summary
 
     def run_epoch(self, epoch: int) -> AdaptationSignal:
         """One pass of the design §2 lifecycle; advances ``current_epoch`` (or rolls it back)."""
         self.current_epoch = epoch
+        self._attempts[epoch] = self._attempts.get(epoch, 0) + 1
+        self._emit(records.EpochStart, epochs=self.config.run.epochs,
+                   batches=len(self.train_loader))
         self.optimizer_manager.check_manifest()
         self.loaders.train_sampler.set_epoch(epoch)
         training_loss = self._run_train_epoch()
+        self._emit(records.TrainEnd, training_loss=training_loss)
 
         global_metrics, counterfactual = self._run_validation_epoch()
+        self._emit(records.ValidationEnd, validation=global_metrics, counterfactual=counterfactual)
         packet = self._assemble_system_state(training_loss, global_metrics, counterfactual)
+        self._emit(records.PacketAssembled, packet=packet)
         signal = self.tamiyo.step(packet)
-        self._record_epoch(packet, signal)
+        self._emit(records.SignalReceived, signal=signal)
+        self._emit_adaptations(signal.adaptations)
+        end = self._epoch_record(packet, signal)
 
         if signal.emergency_rollback_required or not math.isfinite(training_loss):
-            reason = signal.reason or "non-finite training loss"
-            self.restore_from_checkpoint(reason)
-            return signal
-        self.current_epoch = epoch + 1
-        if signal.optimizer_rebuild_required:
-            self.optimizer = self.optimizer_manager.rebuild_optimizer()
-            trained = len(self.optimizer_manager.manifest())
-            self._event("optimizer_rebuild", epoch=epoch, parameters_trained=trained)
-        self.optimizer_manager.end_epoch(global_metrics.loss)
-        # Snapshot last: it must hold the rebuilt optimizer (a restore needs an entry for
-        # every trainable parameter) and the stepped schedule (or a resume runs one behind).
-        self.create_checkpoint()
+            self.restore_from_checkpoint(signal.reason or "non-finite training loss")
+        else:
+            self.current_epoch = epoch + 1
+            if signal.optimizer_rebuild_required:
+                self.optimizer_manager.rebuild_optimizer()
+                trained = len(self.optimizer_manager.manifest())
+                self._emit(records.OptimizerRebuild, epoch=epoch, parameters_trained=trained)
+            self.optimizer_manager.end_epoch(global_metrics.loss)
+            # Snapshot last: it must hold the rebuilt optimizer (a restore needs an entry for
+            # every trainable parameter) and the stepped schedule (or a resume runs one behind).
+            self.create_checkpoint()
+        self.callbacks.emit(self, end)
         return signal
 
     # ------------------------------------------------------------------ loops
     def _run_train_epoch(self) -> float:
         """Mean training loss of the epoch; NaN if a non-finite loss stopped it early."""
         self.model.train()
-        self.progress.start_epoch(self.current_epoch, len(self.train_loader))
+        # Decided once per epoch: with no listener the loop builds no per-batch record.
+        batch_listeners = self.callbacks.listens(Event.BATCH_END)
+        attempt = self._attempts[self.current_epoch]
         loss_sum = torch.zeros((), device=self.device)
         batches = 0
         for x, y in self.train_loader:
@@ -189,7 +219,11 @@ class TolariaTrainer:
             loss_sum += loss.detach().float()
             batches += 1
             self.global_step += 1
-            self.progress.advance_batch()
+            if batch_listeners:
+                self.callbacks.emit(self, records.BatchEnd(
+                    epoch=self.current_epoch, attempt=attempt, batch=batches - 1,
+                    global_step=self.global_step, loss=loss.detach(),
+                ))
             if batches % NONFINITE_CHECK_INTERVAL == 0 and not torch.isfinite(loss_sum):
                 break
         mean = (loss_sum / max(batches, 1)).item()  # the one read of the epoch
@@ -264,8 +298,12 @@ class TolariaTrainer:
         self.snapshots.push(snapshot)
         every = self.config.checkpoint.every_epochs
         if self.store is not None and every and (epoch + 1) % every == 0:
-            self.store.save(snapshot)
-            self._last_durable_epoch = epoch
+            self._save_durable(snapshot)
+
+    def _save_durable(self, snapshot: Snapshot) -> None:
+        path = self.store.save(snapshot)
+        self._last_durable_epoch = snapshot.epoch
+        self._emit(records.CheckpointSaved, epoch=snapshot.epoch, path=str(path))
 
     def restore_from_checkpoint(self, reason: str) -> None:
         """Emergency rollback of the whole system to the newest snapshot older than this
@@ -282,126 +320,108 @@ class TolariaTrainer:
                 break
         if snapshot is None:
             raise CheckpointError(f"rollback at epoch {incident_epoch}: no snapshot to restore")
-        restore_snapshot(snapshot, self.model, self.optimizer_manager, self.tamiyo)
+        restore_snapshot(snapshot, self.components)
         # The controller removes what its incident memory implicates, so the epoch is not
         # replayed bit for bit into the same failure.
         amends = self.tamiyo.on_rollback(snapshot.epoch)
         if amends.optimizer_rebuild_required:
             self.optimizer_manager.rebuild_optimizer()
-        self.optimizer = self.optimizer_manager.get_optimizer()
-        for adaptation in amends.adaptations:
-            self._event("adaptation", epoch=incident_epoch, **adaptation.to_dict())
-        self._load_state(snapshot, resume=False)
+        self._emit_adaptations(amends.adaptations)
+        # A rollback keeps its own rollback count, clock and attempts: the abandoned epochs
+        # still happened.  A resume restores them too (load_state_dict).
+        state = snapshot["trainer"]
+        self.current_epoch = state["current_epoch"]
+        self.global_step = snapshot.global_step
+        self.best_val_accuracy = state["best_val_accuracy"]
+        self.last_record = state["last_record"]
         self.rollbacks += 1
-        self.progress.note(
-            f"[red]rollback[/] at epoch {incident_epoch} "
-            f"to the end of epoch {snapshot.epoch}: {reason}"
-        )
-        self._event("rollback", epoch=incident_epoch, restored_epoch=snapshot.epoch, reason=reason)
+        self._emit(records.Rollback, epoch=incident_epoch, restored_epoch=snapshot.epoch,
+                   reason=reason)
 
     def resume(self, on_skip=None) -> int:
         """Continue from the newest valid durable checkpoint; returns the epoch it resumes at."""
         if self.store is None:
             raise CheckpointError("resume needs a run directory")
         snapshot = self.store.load_latest(on_skip=on_skip)
-        restore_snapshot(snapshot, self.model, self.optimizer_manager, self.tamiyo)
-        self.optimizer = self.optimizer_manager.get_optimizer()
-        self._load_state(snapshot, resume=True)
+        restore_snapshot(snapshot, self.components)
+        self.global_step = snapshot.global_step
+        self.load_state_dict(snapshot["trainer"])
         self._last_durable_epoch = snapshot.epoch
         self.snapshots.push(snapshot)
-        self.run_dir.rewind(snapshot.epoch)
-        self._event("resume", epoch=snapshot.epoch, checkpoint_epoch=snapshot.epoch)
+        self._emit(records.Resume, epoch=snapshot.epoch, checkpoint_epoch=snapshot.epoch)
         return self.current_epoch
 
-    def _capture(self, *, epoch: int, reuse=None):
-        extra = {
-            "current_epoch": epoch + 1,
+    # ------------------------------------------------------------------ the trainer's state
+    @property
+    def wall_time_s(self) -> float:
+        """Seconds this run has trained, across resumes."""
+        return self.wall_time_before + time.perf_counter() - self._started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "current_epoch": self.current_epoch,
             "rollbacks": self.rollbacks,
             "best_val_accuracy": self.best_val_accuracy,
             "params_initial": self.params_initial,
-            "wall_time_s": self.wall_time_before + time.perf_counter() - self._started,
+            "wall_time_s": self.wall_time_s,
             "last_record": self.last_record,
-            # The data order is a pure function of (seed, epoch); the sampler's state also
-            # lets a resume notice that the dataset or the seed changed under it.
-            "data_order": self.loaders.train_sampler.state_dict(),
+            "attempts": [[e, n] for e, n in sorted(self._attempts.items())],
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.current_epoch = state["current_epoch"]
+        self.rollbacks = state["rollbacks"]
+        self.best_val_accuracy = state["best_val_accuracy"]
+        self.params_initial = state["params_initial"]
+        self.wall_time_before = state["wall_time_s"]
+        self.last_record = state["last_record"]
+        self._attempts = {epoch: count for epoch, count in state["attempts"]}
+        self._started = time.perf_counter()
+
+    def _capture(self, *, epoch: int, reuse: Snapshot | None = None) -> Snapshot:
+        # Always called with ``current_epoch == epoch + 1``: the counters are the epoch's.
         return capture_snapshot(
-            self.model,
-            self.optimizer_manager,
-            self.tamiyo,
+            {**self.components, "trainer": self},
             epoch=epoch,
             global_step=self.global_step,
-            extra=extra,
             reuse=reuse,
         )
 
-    def _load_state(self, snapshot, *, resume: bool) -> None:
-        """Counters from a snapshot.  A rollback keeps its own rollback count and clock:
-        the abandoned epochs still happened; a resume restores them from the checkpoint."""
-        extra = snapshot.extra
-        self.current_epoch = extra["current_epoch"]
-        self.global_step = snapshot.global_step
-        self.best_val_accuracy = extra["best_val_accuracy"]
-        self.last_record = extra["last_record"]
-        if resume:
-            self.loaders.train_sampler.load_state_dict(extra["data_order"])
-            self.rollbacks = extra["rollbacks"]
-            self.params_initial = extra["params_initial"]
-            self.wall_time_before = extra["wall_time_s"]
-            self._started = time.perf_counter()
-
-    # ------------------------------------------------------------------ records
-    def _record_epoch(self, packet: SystemStatePacket, signal: AdaptationSignal) -> None:
+    # ------------------------------------------------------------------ events
+    def _epoch_record(
+        self, packet: SystemStatePacket, signal: AdaptationSignal
+    ) -> records.EpochEnd:
         accuracy = packet.validation_accuracy
         if math.isfinite(accuracy):
             self.best_val_accuracy = max(self.best_val_accuracy, accuracy)
-        record = {
-            "epoch": packet.current_epoch,
-            "global_step": packet.global_step,
-            "train_loss": packet.training_loss,
-            "val_loss": packet.validation_loss,
-            "val_accuracy": accuracy,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "params": count_parameters(self.model),
-            # After this epoch's decisions: what the next epoch trains with.
-            "seed_states": {k: v.value for k, v in self.tamiyo.seed_states.items()},
-            "adaptations": len(signal.adaptations),
-            "rollback": signal.emergency_rollback_required,
-        }
-        self.last_record = record
-        for adaptation in signal.adaptations:
-            self._event("adaptation", epoch=packet.current_epoch, **adaptation.to_dict())
-            blueprint = f" ({adaptation.blueprint})" if adaptation.blueprint else ""
-            self.progress.note(
-                f"epoch {packet.current_epoch}: {adaptation.seed_id}{blueprint} "
-                f"{adaptation.from_state.value} -> {adaptation.to_state.value}: {adaptation.reason}"
-            )
-        if self.run_dir is not None:
-            self.run_dir.log_metrics(record)
-        self.progress.end_epoch(record)
+        end = self._record(
+            records.EpochEnd,
+            global_step=packet.global_step,
+            train_loss=packet.training_loss,
+            val_loss=packet.validation_loss,
+            val_accuracy=accuracy,
+            lr=self.optimizer.param_groups[0]["lr"],
+            params=count_parameters(self.model),
+            seed_states=dict(self.tamiyo.seed_states),
+            adaptations=len(signal.adaptations),
+            rollback=signal.emergency_rollback_required or not math.isfinite(packet.training_loss),
+        )
+        self.last_record = end.to_dict()
+        return end
 
-    def _event(self, kind: str, **fields: Any) -> None:
-        if self.run_dir is not None:
-            self.run_dir.log_event(kind, **fields)
+    def _record(self, kind: type[records.EventRecord], **fields: Any) -> records.EventRecord:
+        fields.setdefault("epoch", self.current_epoch)
+        return kind(attempt=self._attempts.get(fields["epoch"], 1), **fields)
 
-    def summary(self, *, status: str = "completed", error: str | None = None) -> dict[str, Any]:
-        last = self.last_record or {}
-        test = self.evaluate_test()
-        states = Counter(s.value for s in self.tamiyo.seed_states.values())
-        return {
-            "best_val_accuracy": self.best_val_accuracy,
-            "final_val_accuracy": last.get("val_accuracy"),
-            "final_val_loss": last.get("val_loss"),
-            "test_accuracy": test.accuracy if test else None,
-            "test_loss": test.loss if test else None,
-            "epochs": self.current_epoch,
-            "global_step": self.global_step,
-            "params_initial": self.params_initial,
-            "params_final": count_parameters(self.model),
-            "seeds": dict(sorted(states.items())),
-            "rollbacks": self.rollbacks,
-            "wall_time_s": self.wall_time_before + time.perf_counter() - self._started,
-            "status": status,
-            "error": error,
-            "device": self.device.type,
-        }
+    def _emit(self, kind: type[records.EventRecord], **fields: Any) -> None:
+        self.callbacks.emit(self, self._record(kind, **fields))
+
+    def _emit_adaptations(self, adaptations: Iterable[Adaptation]) -> None:
+        for a in adaptations:
+            self._emit(records.AdaptationApplied, seed_id=a.seed_id, from_state=a.from_state,
+                       to_state=a.to_state, reason=a.reason, blueprint=a.blueprint)
+
+    def _controller_event(self, kind: str, **fields: Any) -> None:
+        """Tamiyo's sink: its decisions, outcomes and incidents become event records."""
+        self.callbacks.emit(self, self._record(records.CONTROLLER_RECORDS[kind], **fields))
+
