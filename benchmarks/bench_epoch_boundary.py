@@ -1,6 +1,6 @@
 """How long is the end-of-epoch hook?  Design budget 18 ms, our goal <= 5 ms.
 
-The default job (MNIST-1D, MLP host, seeds after ``hidden.*``, Tamiyo's heuristic
+The default job (MNIST-1D, MLP host, a seed on its flattened input, Tamiyo's heuristic
 policy) runs for real with no run directory (so no disk I/O), and every epoch the
 trainer's own ``run_epoch`` is timed in pieces by wrapping its steps on the instance:
 

@@ -5,8 +5,8 @@ Five contenders train for the same number of epochs, once per run seed (>= 3 see
 - ``small_static``: the default job's host (MLP hidden [32, 32]) with no seeds;
 - ``large_mlp``: a static MLP, hidden [256, 256];
 - ``cnn1d``: the static 1-D CNN host (channels [16, 32], kernel 5);
-- ``grown``: the default job -- the small host with seeds after ``hidden.*``, grown by
-  Tamiyo's heuristic policy;
+- ``grown``: the default job -- the small host with a seed on its flattened input, grown
+  by Tamiyo's heuristic policy;
 - ``grown_retrained``: the architecture ``grown`` ended with, trained from scratch as a
   static model: its ``export_structure`` is replayed on a fresh host (same ``run.seed``, so
   the host starts from the grown run's initial weights; blueprints are built anew) with

@@ -4,8 +4,8 @@ Three contenders train the same host from the same initial weights (same ``run.s
 on the same batches in the same order (the same ``make_loaders``), with the same Adam,
 one full epoch at a time -- training loop, then validation:
 
-- ``tolaria``: ``build_trainer`` on the default job (MNIST-1D, seeds injected after
-  ``hidden.*``, all DORMANT, telemetry on, a real ``TamiyoController`` whose
+- ``tolaria``: ``build_trainer`` on the default job (MNIST-1D, a seed injected on the
+  flattened input, DORMANT, telemetry on, a real ``TamiyoController`` whose
   ``min_epochs_before_growth`` lies beyond the run so it never adapts); no run directory,
   so no disk checkpoints -- but the in-memory snapshot of every epoch end, the packet,
   ``tamiyo.step`` and the manifest check all count;

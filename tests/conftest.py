@@ -46,4 +46,12 @@ def tiny_config(tmp_path) -> TolariaConfig:
     config.model.kwargs = {"hidden": [16, 16]}
     config.optimizer.lr = 1e-2
     config.checkpoint.every_epochs = 2
+    # Not the default job's single seed on the input: blobs are not signals, and these tests
+    # drive the lifecycle of many seeds at once (hidden layers, 4 chunks each), with grafts
+    # that train at the host's rate so they matter within a few epochs.
+    config.kasmina.layers = ["hidden.*"]
+    config.kasmina.chunks = 4
+    config.optimizer.seed_lr_multiplier = 1.0
+    config.tamiyo.blueprints = ["residual_mlp", "low_rank"]
+    config.tamiyo.param_budget_fraction = 1.0
     return config

@@ -168,9 +168,9 @@ def test_a_first_forward_under_inference_mode_does_not_poison_training():
         (CNN2dHost, (1, 8, 8), (4, 8, 8)),
     ],
 )
-def test_default_config_fits_every_builtin_host(host, input_shape, chunk_shape):
+def test_hidden_seeds_fit_every_builtin_host(host, input_shape, chunk_shape):
     model = host(input_shape, 10)
-    layers = inject_seeds(model, KasminaConfig())  # layers=["hidden.*"], 4 chunks
+    layers = inject_seeds(model, KasminaConfig(layers=["hidden.*"], chunks=4))
     assert [layer.module_fqn for layer in layers] == ["hidden.0", "hidden.1"]
     model(torch.randn(2, *input_shape))
     seed = find_seeds(model)[0]

@@ -48,6 +48,8 @@ def tamiyo_config(**overrides) -> TamiyoConfig:
         max_germinations_per_epoch=1,
         min_training_epochs=3,
         probation_epochs=1,
+        blueprints=["residual_mlp", "low_rank"],
+        param_budget_fraction=1.0,
     )
     return TamiyoConfig(**{**settings, **overrides})
 

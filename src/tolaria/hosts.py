@@ -1,10 +1,10 @@
 """Built-in host models, and the user's own via ``module:function``.
 
 Every built-in host names the blocks a seed should watch ``hidden.<i>`` (an
-``nn.ModuleList``), so the default ``KasminaConfig.layers = ["hidden.*"]`` fits all of
-them, and ends in a ``head`` that maps features to class logits.  Blocks hold no
-normalisation: seeds see the raw post-activation values, which is what their telemetry
-(dead and saturated fractions) is defined on.
+``nn.ModuleList``), so ``kasmina.layers: ["hidden.*"]`` fits all of them (the default
+job's ``["flatten"]`` fits only the mlp), and ends in a ``head`` that maps features to
+class logits.  Blocks hold no normalisation: seeds see the raw post-activation values,
+which is what their telemetry (dead and saturated fractions) is defined on.
 """
 
 from __future__ import annotations
