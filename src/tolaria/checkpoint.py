@@ -265,6 +265,15 @@ class SnapshotRing:
                 return snapshot
         return None
 
+    def rollback_target(self, incident_epoch: int, back: int) -> Snapshot:
+        """The snapshot ``back`` epochs before the newest one older than ``incident_epoch``,
+        or the oldest held if the ring does not reach that far."""
+        for distance in range(back, -1, -1):
+            snapshot = self.newest_before(incident_epoch - distance)
+            if snapshot is not None:
+                return snapshot
+        raise CheckpointError(f"rollback at epoch {incident_epoch}: no snapshot to restore")
+
     def __len__(self) -> int:
         return len(self._snapshots)
 

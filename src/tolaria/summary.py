@@ -11,7 +11,7 @@ from tolaria.hosts import count_parameters
 def run_summary(trainer: Any, *, status: str, error: str | None = None) -> dict[str, Any]:
     """Best/final validation, test metrics (measured now, once), growth and bookkeeping."""
     last = trainer.last_record or {}
-    test = trainer.evaluate_test()
+    test = trainer.evaluate(trainer.loaders.test)[0] if trainer.loaders.test else None
     states = Counter(s.value for s in trainer.tamiyo.seed_states.values())
     return {
         "best_val_accuracy": trainer.best_val_accuracy,

@@ -102,10 +102,8 @@ class TolariaTrainer:
         self.optimizer = self.optimizer_manager.get_optimizer()
         self.hardware_monitor = HardwareMonitor(self.device)
         self.snapshots = SnapshotRing(config.checkpoint.memory_snapshots)
-        self.store: SnapshotStore | None = (
-            CheckpointStore(self.run_dir.checkpoint_dir, config.checkpoint.keep)
-            if self.run_dir is not None
-            else None
+        self.store: SnapshotStore | None = run_dir and CheckpointStore(
+            run_dir.checkpoint_dir, config.checkpoint.keep
         )
         #: What a snapshot holds besides the trainer's own counters, in restore order
         #: (structure and weights before the optimizer that is matched to them by name).
@@ -180,9 +178,9 @@ class TolariaTrainer:
         signal = self.tamiyo.step(packet)
         self._emit(records.SignalReceived, signal=signal)
         self._emit_adaptations(signal.adaptations)
-        end = self._epoch_record(packet, signal)
-
-        if signal.emergency_rollback_required or not math.isfinite(training_loss):
+        rollback = signal.emergency_rollback_required or not math.isfinite(training_loss)
+        end = self._epoch_record(packet, signal, rollback)
+        if rollback:
             self.restore_from_checkpoint(signal.reason or "non-finite training loss")
         else:
             self.current_epoch = epoch + 1
@@ -232,13 +230,14 @@ class TolariaTrainer:
     def _run_validation_epoch(self) -> tuple[EvalMetrics, dict[str, EvalMetrics]]:
         # Design Figure 2: the boundary rotates Tamiyo's epoch state before validation.
         self.tamiyo.on_epoch_boundary(self.current_epoch)
-        return self._run_validation(self.val_loader, self.tamiyo.seeds_to_evaluate())
+        return self.evaluate(self.val_loader, self.tamiyo.seeds_to_evaluate())
 
     @torch.inference_mode()
-    def _run_validation(
+    def evaluate(
         self, loader, counterfactual_ids: list[str] = ()
     ) -> tuple[EvalMetrics, dict[str, EvalMetrics]]:
-        """Loss and accuracy, plus the same with each named seed's alpha forced to 0."""
+        """Loss and accuracy on ``loader``, plus the same with each named seed's alpha forced
+        to 0.  The test split goes through here once, for the summary, never to Tamiyo."""
         self.model.eval()
         variants = [None, *counterfactual_ids]
         # Sums stay on the device; one transfer at the end (invariant: no per-batch sync).
@@ -258,13 +257,6 @@ class TolariaTrainer:
         sums = (totals / max(count, 1)).tolist()
         metrics = [EvalMetrics(loss=loss, accuracy=acc) for loss, acc in sums]
         return metrics[0], dict(zip(counterfactual_ids, metrics[1:], strict=True))
-
-    def evaluate_test(self) -> EvalMetrics | None:
-        """Test-split metrics: reported only, never shown to the controller."""
-        if self.loaders.test is None:
-            return None
-        metrics, _ = self._run_validation(self.loaders.test)
-        return metrics
 
     def _autocast(self):
         if self.amp:
@@ -313,13 +305,7 @@ class TolariaTrainer:
         incident_epoch = self.current_epoch
         depth = self._rollbacks_at.get(incident_epoch, 0)
         self._rollbacks_at[incident_epoch] = depth + 1
-        snapshot = None
-        for back in range(depth, -1, -1):  # as far back as asked, or the oldest we hold
-            snapshot = self.snapshots.newest_before(incident_epoch - back)
-            if snapshot is not None:
-                break
-        if snapshot is None:
-            raise CheckpointError(f"rollback at epoch {incident_epoch}: no snapshot to restore")
+        snapshot = self.snapshots.rollback_target(incident_epoch, depth)
         restore_snapshot(snapshot, self.components)
         # The controller removes what its incident memory implicates, so the epoch is not
         # replayed bit for bit into the same failure.
@@ -380,17 +366,11 @@ class TolariaTrainer:
 
     def _capture(self, *, epoch: int, reuse: Snapshot | None = None) -> Snapshot:
         # Always called with ``current_epoch == epoch + 1``: the counters are the epoch's.
-        return capture_snapshot(
-            {**self.components, "trainer": self},
-            epoch=epoch,
-            global_step=self.global_step,
-            reuse=reuse,
-        )
+        components = {**self.components, "trainer": self}
+        return capture_snapshot(components, epoch=epoch, global_step=self.global_step, reuse=reuse)
 
     # ------------------------------------------------------------------ events
-    def _epoch_record(
-        self, packet: SystemStatePacket, signal: AdaptationSignal
-    ) -> records.EpochEnd:
+    def _epoch_record(self, packet, signal, rollback: bool) -> records.EpochEnd:
         accuracy = packet.validation_accuracy
         if math.isfinite(accuracy):
             self.best_val_accuracy = max(self.best_val_accuracy, accuracy)
@@ -404,7 +384,7 @@ class TolariaTrainer:
             params=count_parameters(self.model),
             seed_states=dict(self.tamiyo.seed_states),
             adaptations=len(signal.adaptations),
-            rollback=signal.emergency_rollback_required or not math.isfinite(packet.training_loss),
+            rollback=rollback,
         )
         self.last_record = end.to_dict()
         return end
@@ -418,8 +398,7 @@ class TolariaTrainer:
 
     def _emit_adaptations(self, adaptations: Iterable[Adaptation]) -> None:
         for a in adaptations:
-            self._emit(records.AdaptationApplied, seed_id=a.seed_id, from_state=a.from_state,
-                       to_state=a.to_state, reason=a.reason, blueprint=a.blueprint)
+            self._emit(records.AdaptationApplied, **vars(a))
 
     def _controller_event(self, kind: str, **fields: Any) -> None:
         """Tamiyo's sink: its decisions, outcomes and incidents become event records."""
