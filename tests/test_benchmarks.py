@@ -10,6 +10,7 @@ report renders every section.  Results go to a temporary folder, never to
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from benchmarks import (
@@ -73,13 +74,25 @@ def test_rotation_gives_every_contender_every_position():
 def test_trainer_overhead_weights_match_the_hand_written_loop(mnist1d_cache, capsys):
     result = run_quick(bench_trainer_overhead, "trainer_overhead", capsys)
     (workload,) = result["workloads"]
-    assert set(workload["median_epoch_ms"]) == {"tolaria", "tolaria_no_seeds", "hand_written"}
-    assert set(workload["ratio_vs_hand_written"]) == {"tolaria", "tolaria_no_seeds"}
-    # Dormant seeds and a controller that never adapts leave the computation untouched.
+    # The Lightning contender runs only where Lightning is installed (`make bench` does).
+    lightning = {"lightning"} if result["lightning_version"] else set()
+    assert set(workload["median_epoch_ms"]) == {
+        "tolaria", "tolaria_no_seeds", "hand_written", *lightning}
+    assert set(workload["ratio_vs_hand_written"]) == {"tolaria", "tolaria_no_seeds", *lightning}
+    # Dormant seeds and a controller that never adapts leave the computation untouched;
+    # Lightning, fed one epoch per `fit`, must take the same steps on the same batches.
     assert workload["seed_transitions"] == 0
-    assert workload["bitwise_identical_weights"] == {"tolaria": True, "tolaria_no_seeds": True}
+    assert workload["bitwise_identical_weights"] == dict.fromkeys(
+        ["tolaria", "tolaria_no_seeds", *lightning], True)
     accuracies = workload["final_val_accuracy"]
     assert accuracies["tolaria"] == accuracies["hand_written"]
+    assert ("lightning_fit_call_ms" in workload) == bool(lightning)
+
+
+def test_trainer_overhead_skips_lightning_where_it_is_not_installed(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lightning", None)  # `import lightning` raises ImportError
+    assert bench_trainer_overhead.import_lightning() is None
+    assert "skipping the `lightning` contender" in capsys.readouterr().err
 
 
 def test_epoch_boundary_reports_every_part(mnist1d_cache, capsys):
