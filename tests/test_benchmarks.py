@@ -169,6 +169,34 @@ def test_report_renders_every_section_and_marks_missing_ones(tmp_path, mnist1d_c
     assert text.count("_Not run yet._") == len(report.SECTIONS) - 1
 
 
+def test_report_renders_trainer_overhead_with_and_without_lightning():
+    workload = {
+        "host": "mlp hidden [8]", "params": 100, "seeds": 1, "seed_transitions": 0,
+        "batches_per_epoch": 5, "val_batches_per_epoch": 2, "epochs_timed": 2,
+        "median_epoch_ms": {"tolaria": 11.0, "tolaria_no_seeds": 10.5, "hand_written": 10.0},
+        "ratio_vs_hand_written": {"tolaria": 1.1, "tolaria_no_seeds": 1.05},
+        "median_paired_ratio_vs_hand_written": {"tolaria": 1.1, "tolaria_no_seeds": 1.05},
+        "bitwise_identical_weights": {"tolaria": True, "tolaria_no_seeds": True},
+    }
+    before = {"goal_ratio": 1.02, "workloads": [workload]}
+    with_lightning = {"goal_ratio": 1.02, "lightning_version": "2.6.6", "workloads": [{
+        **workload,
+        "median_epoch_ms": workload["median_epoch_ms"] | {"lightning": 17.5},
+        "ratio_vs_hand_written": workload["ratio_vs_hand_written"] | {"lightning": 1.75},
+        "median_paired_ratio_vs_hand_written":
+            workload["median_paired_ratio_vs_hand_written"] | {"lightning": 1.7},
+        "bitwise_identical_weights": workload["bitwise_identical_weights"] | {"lightning": True},
+        "lightning_fit_call_ms": 1.2,
+    }]}
+    old_text = report.render({"trainer_overhead": before}, None)
+    assert "| tolaria | 11.0 | 1.100 |" in old_text
+    assert "ightning" not in old_text
+    new_text = report.render({"trainer_overhead": with_lightning}, None)
+    assert "| lightning | 17.5 | 1.750 | 1.700 | yes |" in new_text
+    assert "PyTorch Lightning 1.750 (paired 1.700)" in new_text
+    assert "Lightning 2.6.6" in new_text and "1.2 ms (mlp hidden [8])" in new_text
+
+
 def test_run_all_runs_a_benchmark_in_a_child_process(tmp_path, mnist1d_cache, results_dir):
     code = run_all.main(["--quick", "--only", "epoch_boundary",
                          "--report", str(tmp_path / "BENCHMARKS.md")])
