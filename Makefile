@@ -24,8 +24,14 @@ lint: setup
 test: lint
 	$(BIN)/pytest
 
-bench: setup
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.run_all
+
+# Lightning is a benchmark contender only, so `setup` (and with it demo and test) leaves it
+# out; the torch pin keeps its dependency on torch from replacing the CPU build.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev,bench]" "$(TORCH_PIN)"
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ report renders every section.  Results go to a temporary folder, never to
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from benchmarks import (
@@ -73,13 +74,25 @@ def test_rotation_gives_every_contender_every_position():
 def test_trainer_overhead_weights_match_the_hand_written_loop(mnist1d_cache, capsys):
     result = run_quick(bench_trainer_overhead, "trainer_overhead", capsys)
     (workload,) = result["workloads"]
-    assert set(workload["median_epoch_ms"]) == {"tolaria", "tolaria_no_seeds", "hand_written"}
-    assert set(workload["ratio_vs_hand_written"]) == {"tolaria", "tolaria_no_seeds"}
-    # Dormant seeds and a controller that never adapts leave the computation untouched.
+    # The Lightning contender runs only where Lightning is installed (`make bench` does).
+    lightning = {"lightning"} if result["lightning_version"] else set()
+    assert set(workload["median_epoch_ms"]) == {
+        "tolaria", "tolaria_no_seeds", "hand_written", *lightning}
+    assert set(workload["ratio_vs_hand_written"]) == {"tolaria", "tolaria_no_seeds", *lightning}
+    # Dormant seeds and a controller that never adapts leave the computation untouched;
+    # Lightning, fed one epoch per `fit`, must take the same steps on the same batches.
     assert workload["seed_transitions"] == 0
-    assert workload["bitwise_identical_weights"] == {"tolaria": True, "tolaria_no_seeds": True}
+    assert workload["bitwise_identical_weights"] == dict.fromkeys(
+        ["tolaria", "tolaria_no_seeds", *lightning], True)
     accuracies = workload["final_val_accuracy"]
     assert accuracies["tolaria"] == accuracies["hand_written"]
+    assert ("lightning_fit_call_ms" in workload) == bool(lightning)
+
+
+def test_trainer_overhead_skips_lightning_where_it_is_not_installed(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lightning", None)  # `import lightning` raises ImportError
+    assert bench_trainer_overhead.import_lightning() is None
+    assert "skipping the `lightning` contender" in capsys.readouterr().err
 
 
 def test_epoch_boundary_reports_every_part(mnist1d_cache, capsys):
@@ -154,6 +167,34 @@ def test_report_renders_every_section_and_marks_missing_ones(tmp_path, mnist1d_c
     assert "End-of-epoch hook, default job" in text
     assert "design 18 ms" in text
     assert text.count("_Not run yet._") == len(report.SECTIONS) - 1
+
+
+def test_report_renders_trainer_overhead_with_and_without_lightning():
+    workload = {
+        "host": "mlp hidden [8]", "params": 100, "seeds": 1, "seed_transitions": 0,
+        "batches_per_epoch": 5, "val_batches_per_epoch": 2, "epochs_timed": 2,
+        "median_epoch_ms": {"tolaria": 11.0, "tolaria_no_seeds": 10.5, "hand_written": 10.0},
+        "ratio_vs_hand_written": {"tolaria": 1.1, "tolaria_no_seeds": 1.05},
+        "median_paired_ratio_vs_hand_written": {"tolaria": 1.1, "tolaria_no_seeds": 1.05},
+        "bitwise_identical_weights": {"tolaria": True, "tolaria_no_seeds": True},
+    }
+    before = {"goal_ratio": 1.02, "workloads": [workload]}
+    with_lightning = {"goal_ratio": 1.02, "lightning_version": "2.6.6", "workloads": [{
+        **workload,
+        "median_epoch_ms": workload["median_epoch_ms"] | {"lightning": 17.5},
+        "ratio_vs_hand_written": workload["ratio_vs_hand_written"] | {"lightning": 1.75},
+        "median_paired_ratio_vs_hand_written":
+            workload["median_paired_ratio_vs_hand_written"] | {"lightning": 1.7},
+        "bitwise_identical_weights": workload["bitwise_identical_weights"] | {"lightning": True},
+        "lightning_fit_call_ms": 1.2,
+    }]}
+    old_text = report.render({"trainer_overhead": before}, None)
+    assert "| tolaria | 11.0 | 1.100 |" in old_text
+    assert "ightning" not in old_text
+    new_text = report.render({"trainer_overhead": with_lightning}, None)
+    assert "| lightning | 17.5 | 1.750 | 1.700 | yes |" in new_text
+    assert "PyTorch Lightning 1.750 (paired 1.700)" in new_text
+    assert "Lightning 2.6.6" in new_text and "1.2 ms (mlp hidden [8])" in new_text
 
 
 def test_run_all_runs_a_benchmark_in_a_child_process(tmp_path, mnist1d_cache, results_dir):
