@@ -23,6 +23,7 @@ from tolaria import cli
 from tolaria.build import build_trainer
 from tolaria.checkpoint import CheckpointStore
 from tolaria.contracts import SeedState
+from tolaria.events import Callback
 from tolaria.kasmina import export_structure
 
 GROWTH = [
@@ -115,7 +116,21 @@ def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
         key, value = setting.split("=")
         section, field = key.split(".")
         setattr(getattr(tiny_config, section), field, float(value) if "." in value else int(value))
-    trainer = build_trainer(tiny_config, data=tiny_data, run_dir=tmp_path / "run")
+    rollbacks = []
+
+    class ObserveRollback(Callback):
+        """What the system looks like right after the restore (and the controller's culls)."""
+
+        def on_rollback(self, trainer, record):
+            rollbacks.append({
+                "snapshot": trainer.snapshots.newest_before(record.restored_epoch + 1),
+                "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                "structure": export_structure(trainer.model),
+                "global_step": trainer.global_step,
+            })
+
+    trainer = build_trainer(tiny_config, data=tiny_data, run_dir=tmp_path / "run",
+                            callbacks=[ObserveRollback()])
 
     poison_epoch = 4
     poisoned = []
@@ -127,20 +142,6 @@ def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
         return None
 
     trainer.model.register_forward_pre_hook(poison)
-    rollbacks = []
-    original = trainer.restore_from_checkpoint
-
-    def observed_rollback(reason):
-        snapshot = trainer.snapshots.newest_before(trainer.current_epoch)
-        original(reason)
-        rollbacks.append({
-            "snapshot": snapshot,
-            "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-            "structure": export_structure(trainer.model),
-            "global_step": trainer.global_step,
-        })
-
-    trainer.restore_from_checkpoint = observed_rollback
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the subprocess test: no oversubscription on 2 cores
     try:

@@ -55,7 +55,9 @@ class Stateful(Protocol):
     """What a component of a snapshot must offer.
 
     ``state_dict`` may return live tensors (the snapshot copies them); ``load_state_dict``
-    must copy what it keeps, because the ring may restore the same snapshot twice.
+    must copy what it keeps, because the ring may restore the same snapshot twice.  A
+    component whose ``state_dict`` builds new objects on every call (the RNG states) may
+    say so with a class attribute ``state_is_private = True``: the copy is then skipped.
     """
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -101,6 +103,8 @@ class ModelState:
 class RngState:
     """Python, NumPy and torch generators as a component."""
 
+    state_is_private = True  # every getter returns a fresh copy
+
     def state_dict(self) -> dict[str, Any]:
         return capture_rng_state()
 
@@ -131,7 +135,9 @@ def capture_snapshot(
         epoch=epoch,
         global_step=global_step,
         components={
-            name: _private_copy(component.state_dict(), pool.get(name))
+            name: component.state_dict()
+            if getattr(component, "state_is_private", False)
+            else _private_copy(component.state_dict(), pool.get(name))
             for name, component in components.items()
         },
     )
@@ -164,6 +170,7 @@ def _fresh_containers(tree: Any) -> Any:
 
 
 _ATOMS = (int, float, str, bool, type(None))
+_ATOM_TYPES = frozenset(_ATOMS)
 
 
 def _private_copy(tree: Any, reuse: Any = None) -> Any:
@@ -182,8 +189,10 @@ def _private_copy(tree: Any, reuse: Any = None) -> Any:
     if isinstance(tree, dict):
         pool = reuse if isinstance(reuse, dict) else {}
         return {k: _private_copy(v, pool.get(k)) for k, v in tree.items()}
-    if isinstance(tree, tuple) and all(isinstance(v, _ATOMS) for v in tree):
-        return tree  # an immutable tuple of immutables is its own copy
+    if isinstance(tree, tuple) and set(map(type, tree)) <= _ATOM_TYPES:
+        # An immutable tuple of immutables is its own copy; ``map(type)`` keeps the check
+        # cheap for the 625 integers of Python's RNG state.
+        return tree
     if isinstance(tree, list | tuple):
         pool = reuse if isinstance(reuse, list | tuple) and len(reuse) == len(tree) else ()
         items = [_private_copy(v, r) for v, r in itertools.zip_longest(tree, pool)]

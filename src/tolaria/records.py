@@ -71,7 +71,6 @@ class Resume(EventRecord):
 class EpochStart(EventRecord):
     kind = Event.EPOCH_START
     logged = False
-    epochs: int
     batches: int
 
 

@@ -9,12 +9,10 @@ Per epoch::
     assemble SystemStatePacket
     signal = tamiyo.step(packet)
     rollback  -> restore the newest snapshot older than this epoch, the run goes on
-    otherwise -> rebuild the optimizer if flagged, then snapshot (memory every epoch, disk
-                 every N)
+    otherwise -> rebuild the optimizer if flagged, then snapshot (memory; disk every N)
 
-Every step emits an event (:mod:`tolaria.events`) to the callbacks: the run directory,
-TensorBoard and the progress display observe the run that way, and the trainer knows
-the components only through their protocols (:mod:`tolaria.components`).
+Every step emits an event (:mod:`tolaria.events`): the run directory, TensorBoard and the
+progress display are callbacks.  Components are known by protocol (:mod:`tolaria.components`).
 """
 
 from __future__ import annotations
@@ -105,8 +103,7 @@ class TolariaTrainer:
         self.store: SnapshotStore | None = run_dir and CheckpointStore(
             run_dir.checkpoint_dir, config.checkpoint.keep
         )
-        #: What a snapshot holds besides the trainer's own counters, in restore order
-        #: (structure and weights before the optimizer that is matched to them by name).
+        #: Snapshot components in restore order (weights before the optimizer matched to them).
         self.components = {
             "model": ModelState(self.model),
             "optimizer": self.optimizer_manager,
@@ -164,8 +161,7 @@ class TolariaTrainer:
         """One pass of the design §2 lifecycle; advances ``current_epoch`` (or rolls it back)."""
         self.current_epoch = epoch
         self._attempts[epoch] = self._attempts.get(epoch, 0) + 1
-        self._emit(records.EpochStart, epochs=self.config.run.epochs,
-                   batches=len(self.train_loader))
+        self._emit(records.EpochStart, batches=len(self.train_loader))
         self.optimizer_manager.check_manifest()
         self.loaders.train_sampler.set_epoch(epoch)
         training_loss = self._run_train_epoch()
@@ -351,7 +347,10 @@ class TolariaTrainer:
             "params_initial": self.params_initial,
             "wall_time_s": self.wall_time_s,
             "last_record": self.last_record,
-            "attempts": [[e, n] for e, n in sorted(self._attempts.items())],
+            # Attempts of epochs 0, 1, ...: a flat tuple of ints costs a snapshot no copy.
+            "attempts": tuple(
+                self._attempts.get(e, 0) for e in range(1 + max(self._attempts, default=-1))
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -361,7 +360,7 @@ class TolariaTrainer:
         self.params_initial = state["params_initial"]
         self.wall_time_before = state["wall_time_s"]
         self.last_record = state["last_record"]
-        self._attempts = {epoch: count for epoch, count in state["attempts"]}
+        self._attempts = {epoch: n for epoch, n in enumerate(state["attempts"]) if n}
         self._started = time.perf_counter()
 
     def _capture(self, *, epoch: int, reuse: Snapshot | None = None) -> Snapshot:
@@ -394,7 +393,8 @@ class TolariaTrainer:
         return kind(attempt=self._attempts.get(fields["epoch"], 1), **fields)
 
     def _emit(self, kind: type[records.EventRecord], **fields: Any) -> None:
-        self.callbacks.emit(self, self._record(kind, **fields))
+        if self.callbacks.listens(kind.kind):  # no listener: no record to build
+            self.callbacks.emit(self, self._record(kind, **fields))
 
     def _emit_adaptations(self, adaptations: Iterable[Adaptation]) -> None:
         for a in adaptations:
