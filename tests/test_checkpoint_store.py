@@ -305,3 +305,17 @@ def test_a_full_disk_fails_the_save_cleanly_and_keeps_the_previous_checkpoint(
     assert tree_bytes(tmp_path) == before  # nothing pruned
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000-epoch-0"]  # no temporary
     assert store.load_latest().epoch == 0
+
+
+def test_a_checkpoint_of_the_old_fixed_section_layout_is_refused_in_one_line(tmp_path):
+    from tolaria.checkpoint_io import write_checkpoint_dir
+
+    old = {"epoch": 3, "global_step": 30, "model": [], "structure": {}, "optimizer": {},
+           "tamiyo": {}, "rng": {}, "extra": {}}  # what Tolaria 0.1.0 wrote (layout 1)
+    write_checkpoint_dir(tmp_path / "ckpt-000000-epoch-3", {}, old)
+    skipped = []
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoints"):
+        CheckpointStore(tmp_path, keep=2).load_latest(on_skip=lambda p, why: skipped.append(why))
+    (reason,) = skipped
+    assert "snapshot layout 1 was written by another Tolaria release" in reason
+    assert "\n" not in reason
