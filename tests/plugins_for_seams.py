@@ -55,3 +55,50 @@ class PatientPolicy(HeuristicPolicy):
 class BrokenPolicy(HeuristicPolicy):
     def __init__(self, config) -> None:
         raise KeyError("no such threshold")
+
+
+#: What ``shifting_blobs`` adds to every input: a test changes it between train and resume.
+SHIFT = {"value": 0.0}
+
+
+def shifting_blobs(n: int = 192):
+    """``(train, test, classes)``: Gaussian blobs, shifted by ``SHIFT`` -- the same shape
+    whatever the shift, so only the content tells two versions apart."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 3
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = centers[y] + torch.randn(n, 8, generator=g) + SHIFT["value"]
+    return TensorDataset(x, y), TensorDataset(x[:32].clone(), y[:32].clone()), 3
+
+
+class NanFrom:
+    """A host whose logits turn NaN in training from epoch ``epoch`` on (counted by the
+    trainer's epochs, read from a module-level clock the test sets), every time."""
+
+    def __new__(cls, input_shape, num_classes, epoch: int = 2):
+        import torch
+        from torch import nn
+
+        class Host(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.flatten = nn.Flatten()
+                self.body = nn.Sequential(nn.Linear(input_shape[-1], 16), nn.ReLU())
+                self.head = nn.Linear(16, num_classes)
+                self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+
+            def forward(self, x):
+                out = self.head(self.body(self.flatten(x)))
+                if self.training:
+                    self.batches += 1
+                    if self.batches > epoch * BATCHES_PER_EPOCH["value"]:
+                        out = out * float("nan")
+                return out
+
+        return Host()
+
+
+BATCHES_PER_EPOCH = {"value": 6}

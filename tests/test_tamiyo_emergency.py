@@ -19,6 +19,7 @@ def detector(**overrides) -> EmergencyDetector:
     settings = dict(
         num_classes=10,
         collapse_margin=0.02,
+        chance_loss_factor=3.0,
         divergence_factor=3.0,
         divergence_epochs=1,
         divergence_window=5,

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from tolaria.config import TolariaConfig
 from tolaria.data import DataBundle, load_data
+from tolaria.errors import ConfigError, TolariaError
 from tolaria.hosts import build_host, count_parameters
-from tolaria.kasmina import find_seeds, inject_seeds
+from tolaria.kasmina import bind_chunks, find_seeds, inject_seeds
 from tolaria.plugins import make_callbacks
 from tolaria.rundir import RunDirectory
 from tolaria.tamiyo import TamiyoController
@@ -41,9 +43,10 @@ def build_trainer(
     """Assemble a ready-to-train system; pass your own ``model``/``data`` to bypass the config's.
 
     ``callbacks`` (see :mod:`tolaria.events`) observe the run after the run directory's
-    own, and before those ``run.callbacks`` names.  A new run directory (given as a path)
-    is created only once data, host, seeds and callbacks have been built, so a mistake in
-    any of them leaves nothing behind.
+    own, and before those ``run.callbacks`` names.  Everything that can be checked is
+    checked before a new run directory (given as a path) exists -- data, host, seeds, one
+    forward pass on a sample batch, every blueprint on every chunk, callbacks, device and
+    optimizer -- so a mistake in any of them leaves nothing behind.
     """
     seed_everything(config.run.seed)
     data = data if data is not None else load_data(config.data, config.run.seed)
@@ -52,12 +55,27 @@ def build_trainer(
     host_parameters = count_parameters(model)
     if config.kasmina.layers:
         inject_seeds(model, config.kasmina)
+    _forward_a_sample(model, data, config)
     tamiyo = TamiyoController(
         config.tamiyo, config.kasmina, num_classes=data.num_classes, host_parameters=host_parameters
     )
     for seed in find_seeds(model):
         tamiyo.register_seed(seed)
+    tamiyo.check_grafts()
     callbacks = [*callbacks, *make_callbacks(config.run.callbacks)]
-    if isinstance(run_dir, Path | str):
-        run_dir = RunDirectory.create(Path(run_dir), config)
     return TolariaTrainer(model, tamiyo, config, data=data, run_dir=run_dir, callbacks=callbacks)
+
+
+def _forward_a_sample(model: nn.Module, data: DataBundle, config: TolariaConfig) -> None:
+    """The host must accept the data, and its seeds must fit their layers: try it on two
+    training samples, on CPU, before anything is written."""
+    sample = default_collate([data.train[i] for i in range(min(2, len(data.train)))])[0]
+    try:
+        bind_chunks(model, sample)
+    except TolariaError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"model.host={config.model.host!r}: a forward pass on a sample batch of shape "
+            f"{tuple(sample.shape)} from data.dataset={config.data.dataset!r} failed: {exc!r}"
+        ) from exc

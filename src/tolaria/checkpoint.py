@@ -43,7 +43,7 @@ from tolaria.checkpoint_io import (
     split_tensors,
     write_checkpoint_dir,
 )
-from tolaria.errors import CheckpointError
+from tolaria.errors import CheckpointError, RunMismatch, TolariaError
 from tolaria.kasmina import export_structure, replay_structure
 
 #: The layout of a snapshot inside a checkpoint's ``state.json``.  1 (Tolaria 0.1.0) had a
@@ -302,8 +302,8 @@ class CheckpointStore:
     Checkpoint ``ckpt-<sequence>-epoch-<epoch>`` directories are ordered by their sequence
     number, which only grows, so a checkpoint written after a rollback to an earlier epoch
     is still the newest.  Leftovers of an interrupted write or prune (dot-prefixed
-    directories) are never read and are removed by the next :meth:`save`, which assumes
-    one writer per directory (one run per run directory).
+    directories) are never read; the run that owns the directory removes them when it opens
+    it (:meth:`remove_leftovers`) and before every :meth:`save`.
     """
 
     def __init__(self, directory: Path, keep: int) -> None:
@@ -326,7 +326,7 @@ class CheckpointStore:
     def save(self, snapshot: Snapshot) -> Path:
         """Write ``snapshot`` atomically; only then prune the oldest beyond ``keep``."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
+        self.remove_leftovers()
         existing = self.checkpoints()
         sequence = int(_NAME.match(existing[-1].name).group(1)) + 1 if existing else 0
         tensors, state = _to_files(snapshot)
@@ -341,26 +341,46 @@ class CheckpointStore:
         return path
 
     def load_latest(
-        self, *, on_skip: Callable[[Path, str], None] | None = None
+        self,
+        *,
+        on_skip: Callable[[Path, str], None] | None = None,
+        restore: Callable[[Snapshot], None] | None = None,
     ) -> Snapshot:
-        """The newest checkpoint that verifies; ``on_skip(path, reason)`` for each bad one.
+        """The newest checkpoint that verifies -- and, given ``restore``, that restores
+        into the live system; ``on_skip(path, reason)`` for each one passed over.
 
-        Reading changes nothing on disk.  No valid checkpoint -> :class:`CheckpointError`.
+        A checkpoint can pass its checksums and still not fit (a tensor of another shape,
+        malformed controller state): it is passed over like a corrupt file.  A checkpoint
+        of another run (:class:`RunMismatch`) stops the search: every older one is too.
+        Reading changes nothing on disk.  No usable checkpoint -> :class:`CheckpointError`.
         """
         candidates = self.checkpoints()
         for path in reversed(candidates):
             try:
-                return load_snapshot(path)
+                snapshot = load_snapshot(path)
+                if restore is not None:
+                    restore(snapshot)
+                return snapshot
+            except RunMismatch:
+                raise
             except CheckpointError as exc:
-                if on_skip is not None:
-                    on_skip(path, str(exc))
+                reason = str(exc)
+            except (TolariaError, KeyError, TypeError, ValueError, AttributeError,
+                    IndexError, RuntimeError) as exc:
+                reason = f"{path}: state does not restore ({type(exc).__name__}: {exc})"
+            if on_skip is not None:
+                on_skip(path, reason)
         if not candidates:
             raise CheckpointError(f"no checkpoints in {self.directory}")
         raise CheckpointError(
             f"none of the {len(candidates)} checkpoints in {self.directory} is valid"
         )
 
-    def _remove_leftovers(self) -> None:
+    def remove_leftovers(self) -> None:
+        """Delete what an interrupted write or prune left behind.  Only the directory's one
+        writer may call it: another process's write in progress looks the same."""
+        if not self.directory.is_dir():
+            return
         for path in self.directory.iterdir():
             if path.name.startswith((".tmp-", ".trash-")):
                 shutil.rmtree(path, ignore_errors=True)

@@ -180,6 +180,9 @@ class TamiyoConfig(Section):
     fossilize_min_loss_gain: float = 1e-3
     #: Extra score subtracted from a (location, blueprint) pair each time it is culled.
     cull_penalty: float = Field(1.0, ge=0.0)
+    #: Divergence from any epoch, the first included: a training or validation loss above
+    #: this multiple of the chance level ``ln(classes)`` (a uniform guess's loss).
+    chance_loss_factor: float = Field(3.0, gt=1.0)
     #: Divergence: loss above ``divergence_factor`` x the best of the last
     #: ``divergence_window`` epochs, for ``divergence_epochs`` consecutive epochs.
     divergence_factor: float = Field(3.0, gt=1.0)

@@ -32,6 +32,19 @@ class OptimizerManifestError(TolariaError):
 class RepeatedFailureError(TolariaError):
     """The same emergency recurred too often: rolling back again would loop forever."""
 
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        #: The emergency's kind (``divergence``, ``nonfinite_loss``, ``collapse``).
+        self.kind = kind
+
 
 class RunDirectoryInUse(TolariaError):
     """Another process holds the run directory: it has one writer."""
+
+
+class RunMismatch(ConfigError):
+    """A checkpoint belongs to a run with other data, model, optimizer or seed."""
+
+
+class RunWriteError(TolariaError):
+    """A file of the run could not be written: a full disk, a read-only or vanished folder."""

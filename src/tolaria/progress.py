@@ -63,6 +63,12 @@ class RichProgress(Callback):
             f"{record.from_state.value} -> {record.to_state.value}: {record.reason}"
         )
 
+    def on_germination_failed(self, trainer: Any, record: Any) -> None:
+        self._note(
+            f"[yellow]epoch {record.epoch}: {record.seed_id} could not graft "
+            f"{record.blueprint}[/]: {record.error}"
+        )
+
     def on_rollback(self, trainer: Any, record: Any) -> None:
         self._note(
             f"[red]rollback[/] at epoch {record.epoch} "

@@ -25,13 +25,15 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tolaria import records
 from tolaria.atomic import write_atomic
+from tolaria.checkpoint import CheckpointStore
 from tolaria.config import TolariaConfig, load_config
-from tolaria.errors import CheckpointError, ConfigError, RunDirectoryInUse
+from tolaria.errors import CheckpointError, ConfigError, RunDirectoryInUse, RunWriteError
 from tolaria.events import Callback
 
 LOCK_FILE = ".lock"
@@ -78,16 +80,18 @@ class RunDirectory:
         self.path = Path(path)
         self.checkpoint_dir = self.path / "checkpoints"
         self.lock = RunLock(self.path)
+        #: Why writing stopped (see ``_write``); None while every write succeeds.
+        self.write_failure: str | None = None
 
     @classmethod
     def create(cls, path: Path, config: TolariaConfig) -> RunDirectory:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
-        run.lock.acquire()  # before the check: two `train --run-dir D` at once, one wins
+        run.take()  # before the check: two `train --run-dir D` at once, one wins
         try:
             cls.check_free(path)
-            write_atomic(path / "config.yaml", config.to_yaml())
+            run._write("config.yaml", lambda file: write_atomic(file, config.to_yaml()))
         except BaseException:
             run.close()
             raise
@@ -111,12 +115,19 @@ class RunDirectory:
             raise ConfigError(f"{path}: not a run directory (no config.yaml)")
         run = cls(path)
         if lock:
-            run.lock.acquire()
+            run.take()
         try:
             return run, load_config(config_file)
         except BaseException:
             run.close()
             raise
+
+    def take(self) -> None:
+        """Become the directory's one writer, and clear what a killed writer left half-done
+        (temporary files of atomic writes: nobody else can be writing them now)."""
+        self.lock.acquire()
+        for temp in self.path.glob(".*.tmp-*"):
+            temp.unlink(missing_ok=True)
 
     @staticmethod
     def default_path(config: TolariaConfig) -> Path:
@@ -141,23 +152,46 @@ class RunDirectory:
         and must log no decision or outcome twice."""
         for name in ("metrics.jsonl", "events.jsonl"):
             kept = [r for r in self._read(name) if r.get("epoch", last_epoch) <= last_epoch]
-            write_atomic(self.path / name, "".join(records.encode(r) + "\n" for r in kept))
+            text = "".join(records.encode(r) + "\n" for r in kept)
+            self._write(name, lambda path, text=text: write_atomic(path, text))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_atomic(self.path / "summary.json", records.encode(summary, indent=2) + "\n")
+        text = records.encode(summary, indent=2) + "\n"
+        self._write("summary.json", lambda path: write_atomic(path, text))
 
     def write_status(self, status: dict[str, Any]) -> None:
-        write_atomic(self.path / STATUS_FILE, records.encode(status, indent=2) + "\n",
-                     durable=False)
+        text = records.encode(status, indent=2) + "\n"
+        self._write(STATUS_FILE, lambda path: write_atomic(path, text, durable=False))
 
     def close(self) -> None:
         self.lock.release()
 
     # -- helpers -------------------------------------------------------------------------
     def _append(self, name: str, record: dict[str, Any]) -> None:
-        # One line per write, flushed at once, so a killed run keeps every complete record.
-        with open(self.path / name, "a") as stream:
-            stream.write(records.encode(record) + "\n")
+        line = records.encode(record) + "\n"
+
+        def append(path: Path) -> None:
+            # One line per write, flushed at once: a killed run keeps every complete record.
+            with open(path, "a") as stream:
+                stream.write(line)
+
+        self._write(name, append)
+
+    def _write(self, name: str, write: Callable[[Path], None]) -> None:
+        """Every write of the run's files: a full disk (or any OSError) is one line, once.
+
+        After the first failure nothing more is written -- each attempt would fail the
+        same way and bury the first message -- and what was written before stays.
+        """
+        if self.write_failure is not None:
+            return
+        try:
+            write(self.path / name)
+        except OSError as exc:
+            self.write_failure = f"cannot write {self.path / name} ({exc.strerror or exc})"
+            raise RunWriteError(
+                f"{self.write_failure}; the run stopped, and the files written before stay"
+            ) from None
 
     def _read(self, name: str) -> list[dict[str, Any]]:
         file = self.path / name
@@ -239,13 +273,21 @@ class StatusWriter(Callback):
         self._write(trainer, record, record.status)
 
 
-def run_directory_callbacks(run_dir: RunDirectory | None, config: TolariaConfig) -> list:
-    """The callbacks that keep ``run_dir`` written: files, status, TensorBoard."""
+def attach_run_directory(
+    run_dir: RunDirectory | Path | None, config: TolariaConfig
+) -> tuple[RunDirectory | None, list, CheckpointStore | None]:
+    """A trainer's run directory (created, if given as a path), the callbacks that keep it
+    written (files, status, TensorBoard) and its checkpoint store, cleared of what an
+    interrupted write left (the directory is locked: ours alone)."""
     if run_dir is None:
-        return []
+        return None, [], None
+    if not isinstance(run_dir, RunDirectory):
+        run_dir = RunDirectory.create(Path(run_dir), config)
     callbacks: list = [RunLogger(run_dir), StatusWriter(run_dir)]
     if config.run.tensorboard:
         from tolaria.tensorboard import TensorBoardLogger  # light: it imports TB when used
 
         callbacks.append(TensorBoardLogger(run_dir.path / "tensorboard"))
-    return callbacks
+    store = CheckpointStore(run_dir.checkpoint_dir, config.checkpoint.keep)
+    store.remove_leftovers()
+    return run_dir, callbacks, store

@@ -8,7 +8,9 @@ from typing import Any
 from tolaria.hosts import count_parameters
 
 
-def run_summary(trainer: Any, *, status: str, error: str | None = None) -> dict[str, Any]:
+def run_summary(
+    trainer: Any, *, status: str, error: str | None = None, diverged: bool = False
+) -> dict[str, Any]:
     """Best/final validation, test metrics (measured now, once), growth and bookkeeping."""
     last = trainer.last_record or {}
     test = trainer.evaluate(trainer.loaders.test)[0] if trainer.loaders.test else None
@@ -28,5 +30,7 @@ def run_summary(trainer: Any, *, status: str, error: str | None = None) -> dict[
         "wall_time_s": trainer.wall_time_s,
         "status": status,
         "error": error,
+        # Stopped because its loss diverged (or went NaN) again after every rollback.
+        "diverged": diverged,
         "device": trainer.device.type,
     }

@@ -29,7 +29,6 @@ from torch import nn
 
 from tolaria import records
 from tolaria.checkpoint import (
-    CheckpointStore,
     ModelState,
     RngState,
     Snapshot,
@@ -37,17 +36,18 @@ from tolaria.checkpoint import (
     capture_snapshot,
     restore_snapshot,
 )
-from tolaria.components import Controller, SnapshotStore
+from tolaria.components import Controller
 from tolaria.config import TolariaConfig
 from tolaria.contracts import Adaptation, AdaptationSignal, EvalMetrics, SystemStatePacket
 from tolaria.data import DataBundle, load_data, make_loaders
-from tolaria.errors import CheckpointError, TolariaError
+from tolaria.errors import CheckpointError, RepeatedFailureError, TolariaError
 from tolaria.events import Callbacks, Event
+from tolaria.fingerprint import RunFingerprint
 from tolaria.hardware import HardwareMonitor, resolve_device
 from tolaria.hosts import count_parameters
 from tolaria.kasmina import ablated
 from tolaria.optim import DynamicOptimizerManager
-from tolaria.rundir import RunDirectory, run_directory_callbacks
+from tolaria.rundir import RunDirectory, attach_run_directory
 from tolaria.summary import run_summary
 
 #: Batches between checks of the running loss for NaN/inf.  Each check is one host sync;
@@ -80,31 +80,26 @@ class TolariaTrainer:
         self.data = data if data is not None else load_data(config.data, config.run.seed)
         self.loaders = make_loaders(self.data, config.data, config.run.seed)
         self.train_loader, self.val_loader = self.loaders.train, self.loaders.val
-        if isinstance(run_dir, Path | str):
-            run_dir = RunDirectory.create(Path(run_dir), config)
-        self.run_dir = run_dir
-        self.callbacks = Callbacks([*run_directory_callbacks(run_dir, config), *callbacks])
-        tamiyo.event_sink = self._controller_event
         self.loss_fn = nn.CrossEntropyLoss()
         self.amp = config.run.amp and self.device.type == "cuda"
         # Loaders yield CPU tensors: only another device needs a copy per batch.
         self._move_batches = self.device.type != "cpu"
 
+        steps = len(self.train_loader)
         self.optimizer_manager = DynamicOptimizerManager(
-            self.model,
-            config.optimizer,
-            config.scheduler,
-            total_steps=config.run.epochs * len(self.train_loader),
-            steps_per_epoch=len(self.train_loader),
+            self.model, config.optimizer, config.scheduler,
+            total_steps=config.run.epochs * steps, steps_per_epoch=steps,
         )
         self.optimizer = self.optimizer_manager.get_optimizer()
         self.hardware_monitor = HardwareMonitor(self.device)
         self.snapshots = SnapshotRing(config.checkpoint.memory_snapshots)
-        self.store: SnapshotStore | None = run_dir and CheckpointStore(
-            run_dir.checkpoint_dir, config.checkpoint.keep
-        )
-        #: Snapshot components in restore order (weights before the optimizer matched to them).
+        # Only now, with everything above built: a mistake in any of it leaves no directory.
+        self.run_dir, run_callbacks, self.store = attach_run_directory(run_dir, config)
+        self.callbacks = Callbacks([*run_callbacks, *callbacks])
+        tamiyo.event_sink = self._controller_event
+        #: Snapshot components in restore order: the same run?  Weights, then the optimizer.
         self.components = {
+            "fingerprint": RunFingerprint(config, self.data, self.model),
             "model": ModelState(self.model),
             "optimizer": self.optimizer_manager,
             "tamiyo": self.tamiyo,
@@ -137,13 +132,18 @@ class TolariaTrainer:
         epochs = self.config.run.epochs
         self._emit(records.RunStart, epochs=epochs, params=count_parameters(self.model),
                    device=self.device.type)
-        status, error = "failed", None
+        status, error, diverged = "failed", None, False
         try:
             while self.current_epoch < epochs:
                 self.run_epoch(self.current_epoch)
             if self.store is not None and self._last_durable_epoch != self.current_epoch - 1:
                 self._save_durable(self._capture(epoch=self.current_epoch - 1))
             status = "completed"
+        except RepeatedFailureError as exc:
+            error, diverged = str(exc), exc.kind in ("divergence", "nonfinite_loss")
+            # The summary describes one model: the last good one, not the one that failed.
+            self._rewind(self.snapshots.rollback_target(self.current_epoch, 0))
+            raise
         except TolariaError as exc:
             error = str(exc)
             raise
@@ -151,7 +151,7 @@ class TolariaTrainer:
             status = "interrupted"
             raise
         finally:
-            summary = run_summary(self, status=status, error=error)
+            summary = run_summary(self, status=status, error=error, diverged=diverged)
             self._emit(records.RunEnd, status=status, error=error, summary=summary)
             if self.run_dir is not None:
                 self.run_dir.close()  # after every callback: the lock goes last
@@ -167,9 +167,11 @@ class TolariaTrainer:
         training_loss = self._run_train_epoch()
         self._emit(records.TrainEnd, training_loss=training_loss)
 
-        global_metrics, counterfactual = self._run_validation_epoch()
-        self._emit(records.ValidationEnd, validation=global_metrics, counterfactual=counterfactual)
-        packet = self._assemble_system_state(training_loss, global_metrics, counterfactual)
+        # Design Figure 2: the boundary rotates Tamiyo's epoch state before validation.
+        self.tamiyo.on_epoch_boundary(epoch)
+        metrics, counterfactual = self.evaluate(self.val_loader, self.tamiyo.seeds_to_evaluate())
+        self._emit(records.ValidationEnd, validation=metrics, counterfactual=counterfactual)
+        packet = self._assemble_system_state(training_loss, metrics, counterfactual)
         self._emit(records.PacketAssembled, packet=packet)
         signal = self.tamiyo.step(packet)
         self._emit(records.SignalReceived, signal=signal)
@@ -184,7 +186,7 @@ class TolariaTrainer:
                 self.optimizer_manager.rebuild_optimizer()
                 trained = len(self.optimizer_manager.manifest())
                 self._emit(records.OptimizerRebuild, epoch=epoch, parameters_trained=trained)
-            self.optimizer_manager.end_epoch(global_metrics.loss)
+            self.optimizer_manager.end_epoch(metrics.loss)
             # Snapshot last: it must hold the rebuilt optimizer (a restore needs an entry for
             # every trainable parameter) and the stepped schedule (or a resume runs one behind).
             self.create_checkpoint()
@@ -222,11 +224,6 @@ class TolariaTrainer:
                 break
         mean = (loss_sum / max(batches, 1)).item()  # the one read of the epoch
         return mean if math.isfinite(mean) else math.nan
-
-    def _run_validation_epoch(self) -> tuple[EvalMetrics, dict[str, EvalMetrics]]:
-        # Design Figure 2: the boundary rotates Tamiyo's epoch state before validation.
-        self.tamiyo.on_epoch_boundary(self.current_epoch)
-        return self.evaluate(self.val_loader, self.tamiyo.seeds_to_evaluate())
 
     @torch.inference_mode()
     def evaluate(
@@ -302,31 +299,34 @@ class TolariaTrainer:
         depth = self._rollbacks_at.get(incident_epoch, 0)
         self._rollbacks_at[incident_epoch] = depth + 1
         snapshot = self.snapshots.rollback_target(incident_epoch, depth)
-        restore_snapshot(snapshot, self.components)
+        self._rewind(snapshot)
         # The controller removes what its incident memory implicates, so the epoch is not
         # replayed bit for bit into the same failure.
         amends = self.tamiyo.on_rollback(snapshot.epoch)
         if amends.optimizer_rebuild_required:
             self.optimizer_manager.rebuild_optimizer()
-        self._emit_adaptations(amends.adaptations)
-        # A rollback keeps its own rollback count, clock and attempts: the abandoned epochs
-        # still happened.  A resume restores them too (load_state_dict).
+        self._emit_adaptations(amends.adaptations, epoch=incident_epoch)
+        self.rollbacks += 1
+        self._emit(records.Rollback, epoch=incident_epoch, restored_epoch=snapshot.epoch,
+                   reason=reason)
+
+    def _rewind(self, snapshot: Snapshot) -> None:
+        """Back to ``snapshot``: the system and the counters -- but not the rollback count,
+        clock and attempts: the abandoned epochs still happened (a resume restores those)."""
+        restore_snapshot(snapshot, self.components)
         state = snapshot["trainer"]
         self.current_epoch = state["current_epoch"]
         self.global_step = snapshot.global_step
         self.best_val_accuracy = state["best_val_accuracy"]
         self.last_record = state["last_record"]
-        self.rollbacks += 1
-        self._emit(records.Rollback, epoch=incident_epoch, restored_epoch=snapshot.epoch,
-                   reason=reason)
 
     def resume(self, on_skip=None) -> int:
         """Continue from the newest valid durable checkpoint; returns the epoch it resumes at."""
         if self.store is None:
             raise CheckpointError("resume needs a run directory")
-        snapshot = self.store.load_latest(on_skip=on_skip)
-        restore_snapshot(snapshot, self.components)
-        self.global_step = snapshot.global_step
+        snapshot = self.store.load_latest(
+            on_skip=on_skip, restore=lambda s: restore_snapshot(s, self.components)
+        )
         self.load_state_dict(snapshot["trainer"])
         self._last_durable_epoch = snapshot.epoch
         self.snapshots.push(snapshot)
@@ -342,6 +342,7 @@ class TolariaTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "current_epoch": self.current_epoch,
+            "global_step": self.global_step,
             "rollbacks": self.rollbacks,
             "best_val_accuracy": self.best_val_accuracy,
             "params_initial": self.params_initial,
@@ -354,7 +355,7 @@ class TolariaTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.current_epoch = state["current_epoch"]
+        self.current_epoch, self.global_step = state["current_epoch"], state["global_step"]
         self.rollbacks = state["rollbacks"]
         self.best_val_accuracy = state["best_val_accuracy"]
         self.params_initial = state["params_initial"]
@@ -370,8 +371,7 @@ class TolariaTrainer:
 
     # ------------------------------------------------------------------ events
     def _epoch_record(self, packet, signal, rollback: bool) -> records.EpochEnd:
-        accuracy = packet.validation_accuracy
-        if math.isfinite(accuracy):
+        if math.isfinite(accuracy := packet.validation_accuracy):
             self.best_val_accuracy = max(self.best_val_accuracy, accuracy)
         end = self._record(
             records.EpochEnd,
@@ -396,9 +396,9 @@ class TolariaTrainer:
         if self.callbacks.listens(kind.kind):  # no listener: no record to build
             self.callbacks.emit(self, self._record(kind, **fields))
 
-    def _emit_adaptations(self, adaptations: Iterable[Adaptation]) -> None:
+    def _emit_adaptations(self, adaptations: Iterable[Adaptation], **where: Any) -> None:
         for a in adaptations:
-            self._emit(records.AdaptationApplied, **vars(a))
+            self._emit(records.AdaptationApplied, **vars(a), **where)
 
     def _controller_event(self, kind: str, **fields: Any) -> None:
         """Tamiyo's sink: its decisions, outcomes and incidents become event records."""

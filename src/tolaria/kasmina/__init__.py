@@ -14,7 +14,13 @@ from tolaria.kasmina.blueprints import (
     register_blueprint,
     unregister_blueprint,
 )
-from tolaria.kasmina.layer import KasminaLayer, collect_telemetry, find_seeds, inject_seeds
+from tolaria.kasmina.layer import (
+    KasminaLayer,
+    bind_chunks,
+    collect_telemetry,
+    find_seeds,
+    inject_seeds,
+)
 from tolaria.kasmina.seed import KasminaSeed, TransitionRecord, blend_alpha
 from tolaria.kasmina.structure import (
     STRUCTURE_VERSION,
@@ -33,6 +39,7 @@ __all__ = [
     "TransitionRecord",
     "ablated",
     "available_blueprints",
+    "bind_chunks",
     "blend_alpha",
     "collect_telemetry",
     "export_structure",

@@ -290,3 +290,17 @@ def collect_telemetry(seeds: Iterable[KasminaSeed], epoch: int) -> dict[str, See
     """Flush the layers holding ``seeds`` (each once) and return their records by seed id."""
     layers = {id(seed.layer): seed.layer for seed in seeds}
     return {r.seed_id: r for layer in layers.values() for r in layer.flush_telemetry(epoch)}
+
+
+def bind_chunks(model: nn.Module, sample: torch.Tensor) -> None:
+    """One forward pass on ``sample`` in eval mode, without gradients, telemetry or draws
+    from the global RNG: every seed learns its chunk shape before training, so a layout
+    that cannot work (more chunks than channels) is found now, and every seed's blueprints
+    can be priced."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(sample)
+    finally:
+        model.train(was_training)

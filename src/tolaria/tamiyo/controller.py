@@ -34,6 +34,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from tolaria.config import KasminaConfig, TamiyoConfig
 from tolaria.contracts import (
     Adaptation,
@@ -97,16 +99,21 @@ class TamiyoController:
         self._health: dict[str, SeedTelemetry] = {}
         self._costs: dict[tuple[str, tuple[int, ...]], int | None] = {}
         self.penalties: dict[tuple[str, str], float] = {}
-        self.detector = EmergencyDetector(
-            num_classes=num_classes,
-            collapse_margin=config.collapse_margin,
-            divergence_factor=config.divergence_factor,
-            divergence_epochs=config.divergence_epochs,
-            divergence_window=config.divergence_window,
-            divergence_loss_floor=config.divergence_loss_floor,
-        )
+        self.detector = self._new_detector()
         self.incidents = IncidentMemory()
         self.decisions = DecisionLog(self._emit, config.outcome_horizon)
+
+    def _new_detector(self) -> EmergencyDetector:
+        cfg = self.config
+        return EmergencyDetector(
+            num_classes=self.num_classes,
+            collapse_margin=cfg.collapse_margin,
+            chance_loss_factor=cfg.chance_loss_factor,
+            divergence_factor=cfg.divergence_factor,
+            divergence_epochs=cfg.divergence_epochs,
+            divergence_window=cfg.divergence_window,
+            divergence_loss_floor=cfg.divergence_loss_floor,
+        )
 
     def _emit(self, kind: str, **fields: Any) -> None:
         self.event_sink(kind, **fields)  # looked up per call: the trainer rebinds the sink
@@ -116,6 +123,37 @@ class TamiyoController:
         if seed.seed_id in self._seeds:
             raise ValueError(f"seed {seed.seed_id!r} is already registered")
         self._seeds[seed.seed_id] = seed
+
+    def check_grafts(self) -> None:
+        """Build every configured blueprint once on every chunk shape the seeds have (after
+        a forward pass taught them), so that a graft that can never happen is refused now,
+        in one line, rather than found at the first plateau -- or never.
+
+        ``ConfigError`` if ``blueprint_kwargs`` break a blueprint on a chunk it supports,
+        or if no configured blueprint fits any seed.  The global RNG is left untouched.
+        """
+        by_shape = {tuple(s.chunk_shape): s for s in self._seeds.values() if s.chunk_shape}
+        if not by_shape:
+            return
+        fits = 0
+        for name in self.config.blueprints:
+            kwargs = self.config.blueprint_kwargs.get(name, {})
+            for shape, seed in by_shape.items():
+                if self._param_cost(name, shape) is None:
+                    continue  # this blueprint does not support this chunk: fine elsewhere
+                try:
+                    with torch.random.fork_rng(devices=[]):
+                        seed.build_blueprint(name, kwargs)
+                except BlueprintError as exc:
+                    raise ConfigError(f"tamiyo.blueprint_kwargs.{name}: {exc}") from None
+                fits += 1
+        if not fits:
+            raise ConfigError(
+                f"tamiyo.blueprints={self.config.blueprints}: none fits any seed's chunk "
+                f"(chunk shapes {sorted(by_shape)} at kasmina.layers="
+                f"{self.kasmina_config.layers}); choose blueprints for these layers "
+                f"(available: {available_blueprints()})"
+            )
 
     # ------------------------------------------------------------------ epoch boundary
     def on_epoch_boundary(self, epoch: int) -> None:
@@ -335,7 +373,8 @@ class TamiyoController:
                 f"{emergency.kind} at epoch {emergency.epoch} happened {count} times "
                 f"(tamiyo.max_repeated_failures={self.config.max_repeated_failures}): "
                 f"{emergency.reason}; implicated: {implicated}. Rolling back again would loop; "
-                "stopping the run."
+                "stopping the run.",
+                kind=emergency.kind,
             )
         return AdaptationSignal(
             emergency_rollback_required=True,
@@ -383,21 +422,31 @@ class TamiyoController:
     save_state_dict = state_dict
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a saved state; incident memory, penalties and decision ids are merged."""
+        """Restore a saved state; incident memory, penalties and decision ids are merged.
+
+        All or nothing: the state is parsed into new objects first, so a malformed one
+        raises ``CheckpointError`` and leaves the controller as it was.
+        """
         try:
             if state["version"] != STATE_VERSION:
                 raise CheckpointError(
                     f"tamiyo state version {state['version']!r}, expected {STATE_VERSION}"
                 )
-            self.policy.load_state_dict(state["policy"])
+            penalties = dict(self.penalties)
             for seed_id, blueprint, penalty in state["penalties"]:
-                key = (seed_id, blueprint)
-                self.penalties[key] = max(self.penalties.get(key, 0.0), penalty)
-            self._health = {
-                sid: SeedTelemetry.from_dict(t) for sid, t in state["health_map"].items()
-            }
-            self.detector.load_state_dict(state["detector"])
-            self.incidents.merge_state_dict(state["incidents"])
-            self.decisions.merge_state_dict(state["decisions"])
+                key = (str(seed_id), str(blueprint))
+                penalties[key] = max(penalties.get(key, 0.0), float(penalty))
+            health = {sid: SeedTelemetry.from_dict(t) for sid, t in state["health_map"].items()}
+            detector = self._new_detector()
+            detector.load_state_dict(state["detector"])
+            incidents = IncidentMemory()
+            for memory in (self.incidents.state_dict(), state["incidents"]):
+                incidents.merge_state_dict(memory)
+            decisions = DecisionLog(self._emit, self.config.outcome_horizon)
+            for log in (self.decisions.state_dict(), state["decisions"]):
+                decisions.merge_state_dict(log)
+            self.policy.load_state_dict(state["policy"])  # last: it may fail half-way
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"tamiyo state is malformed: {exc!r}") from None
+        self.penalties, self._health = penalties, health
+        self.detector, self.incidents, self.decisions = detector, incidents, decisions

@@ -3,7 +3,10 @@
 Three emergencies end an epoch with ``emergency_rollback_required``:
 
 * ``nonfinite_loss`` -- the training or validation loss is NaN or infinite;
-* ``divergence`` -- the validation loss exceeds ``divergence_factor`` times the best
+* ``divergence`` -- the training or validation loss exceeds ``chance_loss_factor`` times
+  the chance level ``ln(num_classes)`` (the loss of a uniform guess), from the first epoch
+  on: a model that bad has diverged, not merely stalled; or the validation loss exceeds
+  ``divergence_factor`` times the best
   validation loss of the last ``divergence_window`` epochs (or times
   ``divergence_loss_floor``, whichever is larger), for ``divergence_epochs`` consecutive
   epochs.  The floor keeps a model that fits its data almost perfectly from "diverging"
@@ -48,12 +51,15 @@ class EmergencyDetector:
         *,
         num_classes: int,
         collapse_margin: float,
+        chance_loss_factor: float,
         divergence_factor: float,
         divergence_epochs: int,
         divergence_window: int,
         divergence_loss_floor: float,
     ) -> None:
         self.chance = 1.0 / num_classes
+        self.loss_limit = chance_loss_factor * math.log(num_classes)
+        self.chance_loss_factor = chance_loss_factor
         self.collapse_margin = collapse_margin
         self.divergence_factor = divergence_factor
         self.divergence_epochs = divergence_epochs
@@ -77,6 +83,14 @@ class EmergencyDetector:
             return Emergency(
                 "nonfinite_loss", epoch, f"validation accuracy is {packet.validation_accuracy}"
             )
+        for name, value in losses.items():
+            if value > self.loss_limit:
+                return Emergency(
+                    "divergence",
+                    epoch,
+                    f"{name} loss {value:.4g} > {self.chance_loss_factor} x the chance level "
+                    f"ln(classes) = {self.loss_limit / self.chance_loss_factor:.3g}",
+                )
 
         floor = self.chance + self.collapse_margin
         if packet.validation_accuracy <= floor < self.best_accuracy:

@@ -148,9 +148,9 @@ class HeuristicPolicy:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        best = state["best_validation_loss"]
-        self.best_validation_loss = math.inf if best is None else best
-        self.epochs_since_improvement = state["epochs_since_improvement"]
+        best, stale = state["best_validation_loss"], int(state["epochs_since_improvement"])
+        self.best_validation_loss = math.inf if best is None else float(best)
+        self.epochs_since_improvement = stale
 
     # ------------------------------------------------------------------ seeds on trial
     def _advance(self, seed: SeedView, observation: Observation) -> Decision | None:
