@@ -22,6 +22,7 @@ callable (default ``tolaria.kasmina.seed_parameter_names``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,7 @@ class DynamicOptimizerManager:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self._trial_parameters = trial_parameters or seed_parameter_names
         self._optimizer_class = resolve_optimizer_class(optimizer_config.name)
+        self._constructor_args = inspect.signature(self._optimizer_class).parameters.keys()
         reserved = {"params", "lr"} & optimizer_config.kwargs.keys()
         if reserved:
             raise ConfigError(
@@ -306,15 +308,20 @@ class DynamicOptimizerManager:
     def _fresh_state(
         self, group: dict[str, Any], params: dict[str, nn.Parameter]
     ) -> dict[nn.Parameter, dict[str, Any]]:
-        """The state the optimizer class gives ``params`` at construction (often none).
+        """The state the optimizer class gives ``params`` on joining ``group`` (often none).
 
         A throwaway optimizer with the group's hyperparameters both builds eager state
-        (Adagrad) and runs the class's own checks on the new parameters (Muon: 2-D only)."""
+        (Adagrad) and runs the class's own checks on the new parameters (Muon: 2-D only).
+        Those the constructor takes are its arguments too, not only its group's values:
+        Adagrad fills its accumulators from the argument ``initial_accumulator_value``."""
         if not params:
             return {}
         hyperparameters = {k: v for k, v in group.items() if k != "params"}
+        arguments = {k: v for k, v in hyperparameters.items() if k in self._constructor_args}
         try:
-            probe = self._optimizer_class([{"params": list(params.values()), **hyperparameters}])
+            probe = self._optimizer_class(
+                [{"params": list(params.values()), **hyperparameters}], **arguments
+            )
         except (TypeError, ValueError) as exc:
             raise OptimizerManifestError(
                 f"{self.config.name} cannot train {', '.join(params)}: {exc}"

@@ -1,0 +1,106 @@
+"""A joining parameter starts as a fresh optimizer would start it, whatever the torch kernel;
+a config the optimizer or scheduler would refuse fails, in one line, while the run is built."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from test_optim import Trial, assert_state_equal
+from tolaria.config import OptimizerConfig
+from tolaria.optim import DynamicOptimizerManager
+
+LR, SEED_LR_MULTIPLIER = 0.05, 0.5
+
+
+def term(step: int, name: str, p: torch.Tensor) -> torch.Tensor:
+    """Each parameter's own share of the loss: grafts never change another's gradient, and a
+    parameter's gradient is the same in the model and alone under a reference optimizer."""
+    gen = torch.Generator().manual_seed(1000 * step + sum(map(ord, name)))
+    return (p - torch.randn(p.shape, generator=gen)).pow(2).sum()
+
+
+class Model(nn.Module):
+    """A host with one seed on trial from the start; ``graft`` adds a host parameter and a
+    second seed, both joining groups whose members already hold optimizer state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 3, bias=False)  # 2-D parameters only, for Muon
+        self.seed_a = nn.Parameter(torch.full((3, 2), 0.5))
+        self.trial = Trial()
+        self.trial.names = {"seed_a"}
+
+    def graft(self) -> dict[str, nn.Parameter]:
+        self.register_parameter("host_extra", nn.Parameter(torch.full((2, 3), -0.25)))
+        self.register_parameter("seed_b", nn.Parameter(torch.full((3, 3), 0.75)))
+        self.trial.names.add("seed_b")
+        return {"host_extra": self.host_extra, "seed_b": self.seed_b}
+
+
+def manager_for(model: Model, name: str, kwargs: dict) -> DynamicOptimizerManager:
+    config = OptimizerConfig(name=name, lr=LR, seed_lr_multiplier=SEED_LR_MULTIPLIER, kwargs=kwargs)
+    return DynamicOptimizerManager(model, config, trial_parameters=model.trial)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        optimizer.zero_grad()
+        sum(term(step, name, p) for name, p in model.named_parameters()).backward()
+        optimizer.step()
+
+
+def references(
+    name: str, kwargs: dict, grafts: dict[str, nn.Parameter]
+) -> Iterator[tuple[str, nn.Parameter, torch.optim.Optimizer]]:
+    """For each graft, a copy trained alone by a fresh torch optimizer at the graft's LR."""
+    for fqn, param in grafts.items():
+        lr = LR * SEED_LR_MULTIPLIER if fqn.startswith("seed") else LR
+        copy = nn.Parameter(param.detach().clone())
+        yield fqn, copy, getattr(torch.optim, name)([copy], lr=lr, **kwargs)
+
+
+def assert_grafts_match_references(name: str, kwargs: dict, steps: range) -> None:
+    """Train, graft, train on: old parameters follow the run with no graft bit for bit,
+    the grafts follow fresh torch optimizers bit for bit."""
+    model, plain = Model(), Model()
+    manager, plain_manager = manager_for(model, name, kwargs), manager_for(plain, name, kwargs)
+    train(model, manager.get_optimizer(), range(steps.start))
+    train(plain, plain_manager.get_optimizer(), range(steps.start))
+    grafts = model.graft()
+    manager.rebuild_optimizer()
+    refs = list(references(name, kwargs, grafts))
+    train(model, manager.get_optimizer(), steps)
+    train(plain, plain_manager.get_optimizer(), steps)
+    for fqn, copy, optimizer in refs:
+        for step in steps:
+            optimizer.zero_grad()
+            term(step, fqn, copy).backward()
+            optimizer.step()
+        assert torch.equal(grafts[fqn], copy), fqn
+        assert_state_equal(manager.get_optimizer().state[grafts[fqn]], optimizer.state[copy])
+    for fqn, p in plain.named_parameters():
+        assert torch.equal(dict(model.named_parameters())[fqn], p), fqn
+
+
+# -- (a) a joining parameter's state is what its optimizer class gives it -----------------
+
+
+@pytest.mark.parametrize("kernel", [{}, {"foreach": True}, {"fused": True}])
+def test_grafted_adagrad_parameters_start_from_the_initial_accumulator(kernel: dict) -> None:
+    kwargs = {"initial_accumulator_value": 0.1, "lr_decay": 0.01, **kernel}
+    model = Model()
+    manager = manager_for(model, "Adagrad", kwargs)
+    train(model, manager.get_optimizer(), range(2))
+    grafts = model.graft()
+    manager.rebuild_optimizer()
+    for fqn, copy, fresh in references("Adagrad", kwargs, grafts):
+        assert torch.equal(
+            manager.get_optimizer().state[grafts[fqn]]["sum"], torch.full_like(copy, 0.1)
+        )
+        assert_state_equal(manager.get_optimizer().state[grafts[fqn]], fresh.state[copy])
+    assert_grafts_match_references("Adagrad", kwargs, range(2, 3))
