@@ -3,17 +3,21 @@ a config the optimizer or scheduler would refuse fails, in one line, while the r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
-from test_optim import Trial, assert_state_equal
+from test_optim import SUPPORTED, Trial, assert_state_equal
 from tolaria.config import OptimizerConfig
+from tolaria.errors import ConfigError
 from tolaria.optim import DynamicOptimizerManager
 
 LR, SEED_LR_MULTIPLIER = 0.05, 0.5
+#: Kwargs that give each class state worth checking (SGD keeps none without momentum).
+KWARGS = {"SGD": {"momentum": 0.9}, "RMSprop": {"momentum": 0.5}}
 
 
 def term(step: int, name: str, p: torch.Tensor) -> torch.Tensor:
@@ -104,3 +108,44 @@ def test_grafted_adagrad_parameters_start_from_the_initial_accumulator(kernel: d
         )
         assert_state_equal(manager.get_optimizer().state[grafts[fqn]], fresh.state[copy])
     assert_grafts_match_references("Adagrad", kwargs, range(2, 3))
+
+
+# -- (c) bad kwargs fail at construction, naming the field, touching nothing --------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"betas": [0.9]}, r"^optimizer\.kwargs: betas=\[0\.9\] is refused by optimizer Adam: "),
+        (
+            {"fused": True, "foreach": True, "amsgrad": True},
+            r"^optimizer\.kwargs: fused=True together with foreach=True is refused by optimizer",
+        ),
+        # torch itself checks this only inside the first step().
+        ({"capturable": True}, r"^optimizer\.kwargs: capturable=True is refused .*supported dev"),
+    ],
+)
+def test_bad_kwargs_are_one_line_config_errors_at_construction(kwargs: dict, match: str) -> None:
+    model = Model()
+    weights = {fqn: p.detach().clone() for fqn, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    with pytest.raises(ConfigError, match=match) as raised:
+        manager_for(model, "Adam", kwargs)
+    assert "\n" not in str(raised.value)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for fqn, p in model.named_parameters():
+        assert torch.equal(p, weights[fqn]) and p.grad is None, fqn
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_the_trial_step_leaves_the_model_and_the_optimizer_untouched(name: str) -> None:
+    model = Model()
+    weights = {fqn: p.detach().clone() for fqn, p in model.named_parameters()}
+    cls = getattr(torch.optim, name)
+    # Weight decay moves a parameter even at a zero gradient: a trial step on the model shows.
+    decay = {"weight_decay": 0.1} if "weight_decay" in inspect.signature(cls).parameters else {}
+    manager = manager_for(model, name, {**KWARGS.get(name, {}), **decay})
+    fresh = cls([p.detach().clone() for p in model.parameters()], **KWARGS.get(name, {}))
+    assert len(manager.get_optimizer().state) == len(fresh.state)  # Adagrad's, or none
+    for fqn, p in model.named_parameters():
+        assert torch.equal(p, weights[fqn]) and p.grad is None, fqn

@@ -45,6 +45,8 @@ STATE_FORMAT = 1
 TrialParameters = Callable[[nn.Module], set[str]]
 #: role -> {FQN: parameter}, in the model's parameter order.
 Scan = dict[str, dict[str, nn.Parameter]]
+#: role -> the distinct (dtype, device, rank) of its parameters.
+Kinds = dict[str, list[tuple[torch.dtype, torch.device, int]]]
 
 
 def resolve_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -64,7 +66,9 @@ class DynamicOptimizerManager:
     Call ``after_optimizer_step()`` after each ``optimizer.step()`` and
     ``end_epoch(validation_loss)`` once per epoch; call ``rebuild_optimizer()`` whenever
     the set of trainable parameters or their roles changed (graft, cull, fossilize) and
-    ``check_manifest()`` whenever you want proof that nothing was missed.
+    ``check_manifest()`` whenever you want proof that nothing was missed.  A config the
+    optimizer would refuse, even one torch checks only at the first step, is a
+    ``ConfigError`` at construction.
     """
 
     def __init__(
@@ -90,20 +94,11 @@ class DynamicOptimizerManager:
                 "(use optimizer.lr and optimizer.seed_lr_multiplier)"
             )
         scan = self._scan()
-        groups = [
-            {"params": list(scan[HOST_ROLE].values()), "role": HOST_ROLE},
-            {
-                "params": list(scan[SEED_ROLE].values()),
-                "role": SEED_ROLE,
-                "lr": optimizer_config.lr * optimizer_config.seed_lr_multiplier,
-            },
-        ]
-        try:
-            self._optimizer = self._optimizer_class(
-                groups, lr=optimizer_config.lr, **optimizer_config.kwargs
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"optimizer {optimizer_config.name}: {exc}") from None
+        self._validate_kwargs(scan)
+        self._optimizer = self._build(
+            {role: list(params.values()) for role, params in scan.items()},
+            optimizer_config.kwargs,
+        )
         self._record(scan)
         #: Optimizer steps taken so far (counts ``after_optimizer_step`` calls).
         self._steps = 0
@@ -260,6 +255,81 @@ class DynamicOptimizerManager:
         self._apply_warmup()
 
     # -- internals ------------------------------------------------------------------------
+
+    def _build(
+        self, params: dict[str, list[torch.Tensor]], kwargs: dict[str, Any]
+    ) -> torch.optim.Optimizer:
+        """The configured optimizer over ``params`` by role, one group per role."""
+        groups = [
+            {"params": params[HOST_ROLE], "role": HOST_ROLE},
+            {
+                "params": params[SEED_ROLE],
+                "role": SEED_ROLE,
+                "lr": self.config.lr * self.config.seed_lr_multiplier,
+            },
+        ]
+        return self._optimizer_class(groups, lr=self.config.lr, **kwargs)
+
+    def _validate_kwargs(self, scan: Scan) -> None:
+        """Raise ``ConfigError`` now for a config the optimizer would refuse at any point,
+        also where torch checks only in ``step()`` (``capturable`` on CPU).
+
+        A trial step rather than a list of known checks: each class checks what it
+        checks, in whatever torch version runs.  It trains stand-ins, never the model:
+        one-element zero tensors, one per dtype, device and rank of the model's trainable
+        parameters (what the classes check: Muon takes 2-D parameters only, fused kernels
+        some dtypes and devices), so the trial costs well under a millisecond at any size.
+        """
+        kinds: Kinds = {
+            role: list(dict.fromkeys((p.dtype, p.device, p.ndim) for p in params.values()))
+            for role, params in scan.items()
+        }
+        kwargs = self.config.kwargs
+        try:
+            self._trial_step(kinds, kwargs)
+        except Exception as exc:  # whatever the class raises is its verdict on the config
+            raise self._rejection(kinds, exc) from None
+
+    def _trial_step(self, kinds: Kinds, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+        """One zero-gradient step of the optimizer built with ``kwargs`` over stand-ins."""
+        stand_ins = {
+            role: [
+                torch.zeros((1,) * ndim, dtype=dtype, device=device, requires_grad=True)
+                for dtype, device, ndim in role_kinds
+            ]
+            for role, role_kinds in kinds.items()
+        }
+        optimizer = self._build(stand_ins, kwargs)
+        # SparseAdam refuses dense gradients; most other classes refuse sparse ones.
+        sparse = self._optimizer_class is torch.optim.SparseAdam
+        for params in stand_ins.values():
+            for p in params:
+                p.grad = torch.zeros_like(p).to_sparse() if sparse else torch.zeros_like(p)
+        optimizer.step()
+        return optimizer
+
+    def _rejection(self, kinds: Kinds, exc: Exception) -> ConfigError:
+        """``exc`` as a one-line ``ConfigError`` naming the kwargs to blame: those without
+        any one of which the optimizer accepts the config (all of them if none is enough)."""
+        name, kwargs = self.config.name, self.config.kwargs
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        if not self._accepts(kinds, {}):
+            # Not the kwargs: optimizer.lr, or the parameters themselves (Muon: 2-D only).
+            return ConfigError(f"optimizer {name}: {reason}")
+        culprits = [
+            key
+            for key in kwargs
+            if self._accepts(kinds, {k: v for k, v in kwargs.items() if k != key})
+        ] or list(kwargs)
+        named = " together with ".join(f"{key}={kwargs[key]!r}" for key in culprits)
+        return ConfigError(f"optimizer.kwargs: {named} is refused by optimizer {name}: {reason}")
+
+    def _accepts(self, kinds: Kinds, kwargs: dict[str, Any]) -> bool:
+        try:
+            self._trial_step(kinds, kwargs)
+        except Exception:  # a refusal, whatever its type
+            return False
+        return True
 
     @property
     def _seed_group(self) -> dict[str, Any]:
