@@ -18,6 +18,13 @@ from tolaria.optim import DynamicOptimizerManager
 LR, SEED_LR_MULTIPLIER = 0.05, 0.5
 #: Kwargs that give each class state worth checking (SGD keeps none without momentum).
 KWARGS = {"SGD": {"momentum": 0.9}, "RMSprop": {"momentum": 0.5}}
+#: (optimizer, implementation kwarg) for every class that offers a fused or foreach kernel.
+KERNELS = [
+    (name, kernel)
+    for name in SUPPORTED
+    for kernel in ("fused", "foreach")
+    if kernel in inspect.signature(getattr(torch.optim, name)).parameters
+]
 
 
 def term(step: int, name: str, p: torch.Tensor) -> torch.Tensor:
@@ -108,6 +115,46 @@ def test_grafted_adagrad_parameters_start_from_the_initial_accumulator(kernel: d
         )
         assert_state_equal(manager.get_optimizer().state[grafts[fqn]], fresh.state[copy])
     assert_grafts_match_references("Adagrad", kwargs, range(2, 3))
+
+
+# -- (b) fused and foreach kernels take parameters that join a group with state -----------
+
+
+@pytest.mark.parametrize(("name", "kernel"), KERNELS)
+def test_parameters_joining_groups_with_state_train_like_fresh_ones(name: str, kernel: str) -> None:
+    assert_grafts_match_references(name, {**KWARGS.get(name, {}), kernel: True}, range(2, 5))
+
+
+@pytest.mark.parametrize("kwargs", [{"nesterov": True}, {"weight_decay": 0.1}])
+def test_fused_sgd_momentum_variants_take_joining_parameters(kwargs: dict) -> None:
+    assert_grafts_match_references("SGD", {"momentum": 0.9, "fused": True, **kwargs}, range(2, 5))
+
+
+def test_a_seed_without_a_momentum_buffer_can_fossilize_into_a_fused_group() -> None:
+    kwargs = {"momentum": 0.9, "fused": True}
+    model = Model()
+    manager = manager_for(model, "SGD", kwargs)
+    optimizer = manager.get_optimizer()
+    for step in range(2):  # the seed is on trial but gets no gradient, so no buffer either
+        optimizer.zero_grad()
+        term(step, "body.weight", model.body.weight).backward()
+        optimizer.step()
+    assert "momentum_buffer" not in optimizer.state.get(model.seed_a, {})
+    model.trial.names = set()  # FOSSILIZED: into the host group, whose members hold buffers
+    manager.rebuild_optimizer()
+    copy = nn.Parameter(model.seed_a.detach().clone())
+    fresh = torch.optim.SGD([copy], lr=LR, **kwargs)
+    train(model, optimizer, range(2, 4))
+    for step in range(2, 4):
+        fresh.zero_grad()
+        term(step, "seed_a", copy).backward()
+        fresh.step()
+    assert torch.equal(model.seed_a, copy)
+
+
+def test_fused_sgd_with_dampening_is_refused_because_a_join_could_not_be_exact() -> None:
+    with pytest.raises(ConfigError, match=r"fused=True together with dampening=0\.1.*foreach"):
+        manager_for(Model(), "SGD", {"momentum": 0.9, "dampening": 0.1, "fused": True})
 
 
 # -- (c) bad kwargs fail at construction, naming the field, touching nothing --------------

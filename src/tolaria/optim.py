@@ -11,8 +11,9 @@ A rebuild rescans the model and edits the groups' ``params`` lists: a parameter 
 stays keeps its ``optimizer.state`` entry untouched (the same tensors, so no copies and
 bit-for-bit identical updates), a parameter that leaves loses its state, and a parameter
 that joins gets the fresh state the optimizer class would give it (Adagrad builds state in
-its constructor).  Because the groups never change in number, a scheduler's per-group
-lists stay valid and every existing group's LR is what it would have been with no rebuild.
+its constructor), plus, in a fused SGD group, a zero momentum buffer like its peers'.
+Because the groups never change in number, a scheduler's per-group lists stay valid and
+every existing group's LR is what it would have been with no rebuild.
 
 Parameters are known by their fully qualified name (FQN) in the manifest and the
 state dict; identity in the optimizer is the tensor object itself, so a parameter
@@ -159,6 +160,8 @@ class DynamicOptimizerManager:
                     state.pop(p, None)
             group["params"] = list(scan[role].values())
         state.update(fresh_state)
+        for group in self._optimizer.param_groups:
+            _align_fused_momentum(group, state)
         self._record(scan)
         if joined[SEED_ROLE]:
             self._warmup.restart(self._steps)
@@ -286,9 +289,16 @@ class DynamicOptimizerManager:
         }
         kwargs = self.config.kwargs
         try:
-            self._trial_step(kinds, kwargs)
+            trial = self._trial_step(kinds, kwargs)
         except Exception as exc:  # whatever the class raises is its verdict on the config
             raise self._rejection(kinds, exc) from None
+        group = trial.param_groups[0]
+        if group.get("fused") and group.get("momentum") and group.get("dampening"):
+            raise ConfigError(
+                f"optimizer.kwargs: fused=True together with dampening={group['dampening']!r} "
+                "is refused: fused SGD starts the momentum of a whole group in one step, so a "
+                "parameter joining later could not start its own (use foreach=True)"
+            )
 
     def _trial_step(self, kinds: Kinds, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
         """One zero-gradient step of the optimizer built with ``kwargs`` over stand-ins."""
@@ -470,6 +480,23 @@ def _check_saved_names(state_dict: dict[str, Any], current: dict[str, str]) -> N
             "optimizer state does not fit the model (replay its structure first): "
             + "; ".join(problems)
         )
+
+
+def _align_fused_momentum(group: dict[str, Any], state: dict[torch.Tensor, dict]) -> None:
+    """Give every parameter of a fused SGD group a momentum buffer once any has one.
+
+    SGD makes a parameter's buffer in its first step (buffer = gradient), but its fused
+    kernel takes that first step for the whole group at once: a group whose members hold
+    buffers crashes on one that does not (a graft joining, a seed fossilizing into the host
+    group).  A zero buffer gives it the same update, 0 * momentum + gradient, because fused
+    SGD with dampening is refused at construction.
+    """
+    if not group.get("fused"):
+        return
+    lacking = [p for p in group["params"] if "momentum_buffer" not in state.get(p, ())]
+    if len(lacking) < len(group["params"]):
+        for p in lacking:
+            state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _jsonable(value: Any) -> Any:
