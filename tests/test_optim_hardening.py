@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from test_optim import SUPPORTED, Trial, assert_state_equal
-from tolaria.config import OptimizerConfig
+from tolaria.config import OptimizerConfig, SchedulerConfig
 from tolaria.errors import ConfigError
 from tolaria.optim import DynamicOptimizerManager
 
@@ -196,3 +196,27 @@ def test_the_trial_step_leaves_the_model_and_the_optimizer_untouched(name: str) 
     assert len(manager.get_optimizer().state) == len(fresh.state)  # Adagrad's, or none
     for fqn, p in model.named_parameters():
         assert torch.equal(p, weights[fqn]) and p.grad is None, fqn
+
+
+# -- (d) schedulers a config cannot describe ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "needs"),
+    [
+        ("ChainedScheduler", "other schedulers"),
+        ("SequentialLR", "other schedulers"),
+        ("LambdaLR", "a function"),
+        ("MultiplicativeLR", "a function"),
+    ],
+)
+def test_schedulers_built_from_python_objects_are_refused_with_an_alternative(
+    name: str, needs: str
+) -> None:
+    model = Model()
+    with pytest.raises(ConfigError, match=rf"^scheduler\.name: {name} is not supported") as raised:
+        DynamicOptimizerManager(
+            model, OptimizerConfig(), SchedulerConfig(name=name), trial_parameters=model.trial
+        )
+    message = str(raised.value)
+    assert needs in message and "OneCycleLR" in message and "\n" not in message
