@@ -96,8 +96,9 @@ class OptimizerConfig(Section):
 
 
 class SchedulerConfig(Section):
-    #: A ``torch.optim.lr_scheduler`` class name, or null for a constant LR.  Left-out
-    #: ``T_max`` (CosineAnnealingLR) and ``total_steps`` (OneCycleLR) come from the run.
+    #: A ``torch.optim.lr_scheduler`` class name, or null for a constant LR; not one built
+    #: from functions or other schedulers (LambdaLR, SequentialLR, ChainedScheduler).
+    #: Left-out ``T_max`` (CosineAnnealingLR) and ``total_steps`` (OneCycleLR) come from the run.
     name: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     #: Step the scheduler after every optimizer step or once per epoch

@@ -11,8 +11,9 @@ A rebuild rescans the model and edits the groups' ``params`` lists: a parameter 
 stays keeps its ``optimizer.state`` entry untouched (the same tensors, so no copies and
 bit-for-bit identical updates), a parameter that leaves loses its state, and a parameter
 that joins gets the fresh state the optimizer class would give it (Adagrad builds state in
-its constructor).  Because the groups never change in number, a scheduler's per-group
-lists stay valid and every existing group's LR is what it would have been with no rebuild.
+its constructor), plus, in a fused SGD group, a zero momentum buffer like its peers'.
+Because the groups never change in number, a scheduler's per-group lists stay valid and
+every existing group's LR is what it would have been with no rebuild.
 
 Parameters are known by their fully qualified name (FQN) in the manifest and the
 state dict; identity in the optimizer is the tensor object itself, so a parameter
@@ -22,6 +23,7 @@ callable (default ``tolaria.kasmina.seed_parameter_names``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,8 @@ STATE_FORMAT = 1
 TrialParameters = Callable[[nn.Module], set[str]]
 #: role -> {FQN: parameter}, in the model's parameter order.
 Scan = dict[str, dict[str, nn.Parameter]]
+#: role -> the distinct (dtype, device, rank) of its parameters.
+Kinds = dict[str, list[tuple[torch.dtype, torch.device, int]]]
 
 
 def resolve_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -63,7 +67,9 @@ class DynamicOptimizerManager:
     Call ``after_optimizer_step()`` after each ``optimizer.step()`` and
     ``end_epoch(validation_loss)`` once per epoch; call ``rebuild_optimizer()`` whenever
     the set of trainable parameters or their roles changed (graft, cull, fossilize) and
-    ``check_manifest()`` whenever you want proof that nothing was missed.
+    ``check_manifest()`` whenever you want proof that nothing was missed.  A config the
+    optimizer would refuse, even one torch checks only at the first step, is a
+    ``ConfigError`` at construction.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class DynamicOptimizerManager:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self._trial_parameters = trial_parameters or seed_parameter_names
         self._optimizer_class = resolve_optimizer_class(optimizer_config.name)
+        self._constructor_args = inspect.signature(self._optimizer_class).parameters.keys()
         reserved = {"params", "lr"} & optimizer_config.kwargs.keys()
         if reserved:
             raise ConfigError(
@@ -88,20 +95,11 @@ class DynamicOptimizerManager:
                 "(use optimizer.lr and optimizer.seed_lr_multiplier)"
             )
         scan = self._scan()
-        groups = [
-            {"params": list(scan[HOST_ROLE].values()), "role": HOST_ROLE},
-            {
-                "params": list(scan[SEED_ROLE].values()),
-                "role": SEED_ROLE,
-                "lr": optimizer_config.lr * optimizer_config.seed_lr_multiplier,
-            },
-        ]
-        try:
-            self._optimizer = self._optimizer_class(
-                groups, lr=optimizer_config.lr, **optimizer_config.kwargs
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"optimizer {optimizer_config.name}: {exc}") from None
+        self._validate_kwargs(scan)
+        self._optimizer = self._build(
+            {role: list(params.values()) for role, params in scan.items()},
+            optimizer_config.kwargs,
+        )
         self._record(scan)
         #: Optimizer steps taken so far (counts ``after_optimizer_step`` calls).
         self._steps = 0
@@ -162,6 +160,8 @@ class DynamicOptimizerManager:
                     state.pop(p, None)
             group["params"] = list(scan[role].values())
         state.update(fresh_state)
+        for group in self._optimizer.param_groups:
+            _align_fused_momentum(group, state)
         self._record(scan)
         if joined[SEED_ROLE]:
             self._warmup.restart(self._steps)
@@ -259,6 +259,88 @@ class DynamicOptimizerManager:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _build(
+        self, params: dict[str, list[torch.Tensor]], kwargs: dict[str, Any]
+    ) -> torch.optim.Optimizer:
+        """The configured optimizer over ``params`` by role, one group per role."""
+        groups = [
+            {"params": params[HOST_ROLE], "role": HOST_ROLE},
+            {
+                "params": params[SEED_ROLE],
+                "role": SEED_ROLE,
+                "lr": self.config.lr * self.config.seed_lr_multiplier,
+            },
+        ]
+        return self._optimizer_class(groups, lr=self.config.lr, **kwargs)
+
+    def _validate_kwargs(self, scan: Scan) -> None:
+        """Raise ``ConfigError`` now for a config the optimizer would refuse at any point,
+        also where torch checks only in ``step()`` (``capturable`` on CPU).
+
+        A trial step rather than a list of known checks: each class checks what it
+        checks, in whatever torch version runs.  It trains stand-ins, never the model:
+        one-element zero tensors, one per dtype, device and rank of the model's trainable
+        parameters (what the classes check: Muon takes 2-D parameters only, fused kernels
+        some dtypes and devices), so the trial costs well under a millisecond at any size.
+        """
+        kinds: Kinds = {
+            role: list(dict.fromkeys((p.dtype, p.device, p.ndim) for p in params.values()))
+            for role, params in scan.items()
+        }
+        kwargs = self.config.kwargs
+        try:
+            trial = self._trial_step(kinds, kwargs)
+        except Exception as exc:  # whatever the class raises is its verdict on the config
+            raise self._rejection(kinds, exc) from None
+        group = trial.param_groups[0]
+        if group.get("fused") and group.get("momentum") and group.get("dampening"):
+            raise ConfigError(
+                f"optimizer.kwargs: fused=True together with dampening={group['dampening']!r} "
+                "is refused: fused SGD starts the momentum of a whole group in one step, so a "
+                "parameter joining later could not start its own (use foreach=True)"
+            )
+
+    def _trial_step(self, kinds: Kinds, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+        """One zero-gradient step of the optimizer built with ``kwargs`` over stand-ins."""
+        stand_ins = {
+            role: [
+                torch.zeros((1,) * ndim, dtype=dtype, device=device, requires_grad=True)
+                for dtype, device, ndim in role_kinds
+            ]
+            for role, role_kinds in kinds.items()
+        }
+        optimizer = self._build(stand_ins, kwargs)
+        # SparseAdam refuses dense gradients; most other classes refuse sparse ones.
+        sparse = self._optimizer_class is torch.optim.SparseAdam
+        for params in stand_ins.values():
+            for p in params:
+                p.grad = torch.zeros_like(p).to_sparse() if sparse else torch.zeros_like(p)
+        optimizer.step()
+        return optimizer
+
+    def _rejection(self, kinds: Kinds, exc: Exception) -> ConfigError:
+        """``exc`` as a one-line ``ConfigError`` naming the kwargs to blame: those without
+        any one of which the optimizer accepts the config (all of them if none is enough)."""
+        name, kwargs = self.config.name, self.config.kwargs
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        if not self._accepts(kinds, {}):
+            # Not the kwargs: optimizer.lr, or the parameters themselves (Muon: 2-D only).
+            return ConfigError(f"optimizer {name}: {reason}")
+        culprits = [
+            key
+            for key in kwargs
+            if self._accepts(kinds, {k: v for k, v in kwargs.items() if k != key})
+        ] or list(kwargs)
+        named = " together with ".join(f"{key}={kwargs[key]!r}" for key in culprits)
+        return ConfigError(f"optimizer.kwargs: {named} is refused by optimizer {name}: {reason}")
+
+    def _accepts(self, kinds: Kinds, kwargs: dict[str, Any]) -> bool:
+        try:
+            self._trial_step(kinds, kwargs)
+        except Exception:  # a refusal, whatever its type
+            return False
+        return True
+
     @property
     def _seed_group(self) -> dict[str, Any]:
         return self._optimizer.param_groups[ROLES.index(SEED_ROLE)]
@@ -306,15 +388,20 @@ class DynamicOptimizerManager:
     def _fresh_state(
         self, group: dict[str, Any], params: dict[str, nn.Parameter]
     ) -> dict[nn.Parameter, dict[str, Any]]:
-        """The state the optimizer class gives ``params`` at construction (often none).
+        """The state the optimizer class gives ``params`` on joining ``group`` (often none).
 
         A throwaway optimizer with the group's hyperparameters both builds eager state
-        (Adagrad) and runs the class's own checks on the new parameters (Muon: 2-D only)."""
+        (Adagrad) and runs the class's own checks on the new parameters (Muon: 2-D only).
+        Those the constructor takes are its arguments too, not only its group's values:
+        Adagrad fills its accumulators from the argument ``initial_accumulator_value``."""
         if not params:
             return {}
         hyperparameters = {k: v for k, v in group.items() if k != "params"}
+        arguments = {k: v for k, v in hyperparameters.items() if k in self._constructor_args}
         try:
-            probe = self._optimizer_class([{"params": list(params.values()), **hyperparameters}])
+            probe = self._optimizer_class(
+                [{"params": list(params.values()), **hyperparameters}], **arguments
+            )
         except (TypeError, ValueError) as exc:
             raise OptimizerManifestError(
                 f"{self.config.name} cannot train {', '.join(params)}: {exc}"
@@ -393,6 +480,23 @@ def _check_saved_names(state_dict: dict[str, Any], current: dict[str, str]) -> N
             "optimizer state does not fit the model (replay its structure first): "
             + "; ".join(problems)
         )
+
+
+def _align_fused_momentum(group: dict[str, Any], state: dict[torch.Tensor, dict]) -> None:
+    """Give every parameter of a fused SGD group a momentum buffer once any has one.
+
+    SGD makes a parameter's buffer in its first step (buffer = gradient), but its fused
+    kernel takes that first step for the whole group at once: a group whose members hold
+    buffers crashes on one that does not (a graft joining, a seed fossilizing into the host
+    group).  A zero buffer gives it the same update, 0 * momentum + gradient, because fused
+    SGD with dampening is refused at construction.
+    """
+    if not group.get("fused"):
+        return
+    lacking = [p for p in group["params"] if "momentum_buffer" not in state.get(p, ())]
+    if len(lacking) < len(group["params"]):
+        for p in lacking:
+            state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _jsonable(value: Any) -> Any:

@@ -31,6 +31,8 @@ Scheduler = lr_scheduler.LRScheduler
 #: Scheduler arguments that are learning rates, one per param group.  A single number is
 #: expanded to ``[value, value * seed_lr_multiplier]`` so the seed group keeps its multiplier.
 _PER_GROUP_LR_ARGS = ("max_lr", "base_lr")
+#: Required scheduler arguments that are Python objects, which a config cannot hold.
+_OBJECT_ARGS = {"lr_lambda": "a function", "schedulers": "other schedulers"}
 
 
 class SeedWarmup:
@@ -82,7 +84,8 @@ def build_scheduler(
     optimizer steps when ``interval == "step"``, epochs otherwise): ``total_steps`` for
     OneCycleLR (unless ``epochs`` is given) and ``T_max`` for CosineAnnealingLR; OneCycleLR's
     ``max_lr`` defaults to the optimizer's configured ``lr``.
-    A wrong name or argument is a ``ConfigError``.
+    A wrong name or argument is a ``ConfigError``, and so is a scheduler built from functions
+    or other schedulers (LambdaLR, SequentialLR, ChainedScheduler...).
     """
     if config.name is None:
         return None
@@ -92,6 +95,18 @@ def build_scheduler(
             f"scheduler.name: {config.name!r} is not a torch.optim.lr_scheduler class"
         )
     accepted = inspect.signature(cls).parameters
+    objects = [
+        f"{what} ({arg})"
+        for arg, what in _OBJECT_ARGS.items()
+        if arg in accepted and accepted[arg].default is inspect.Parameter.empty
+    ]
+    if objects:
+        raise ConfigError(
+            f"scheduler.name: {config.name} is not supported from the config, it needs "
+            f"{' and '.join(objects)}; configure a single scheduler instead: OneCycleLR for "
+            "a warm-up then a decay, CosineAnnealingWarmRestarts for repeated decays, LinearLR "
+            "for a ramp (new seeds ramp by optimizer.seed_warmup_steps)"
+        )
     kwargs = dict(config.kwargs)
     horizon = _horizon(config.interval, total_steps, steps_per_epoch)
     if horizon is not None:
