@@ -226,18 +226,52 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> To
 
 def _read_file(path: Path, source: str) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read config file ({exc.strerror})") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = _line_column(raw, exc.start)
+        raise ConfigError(
+            f"{source}: line {line}, column {column}: not UTF-8 text "
+            f"(byte 0x{raw[exc.start]:02x})"
+        ) from None
+    try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{source}: {_yaml_problem(exc, text)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """Where in the file and what, in one line: PyYAML's own message spans several lines and
+    names ``<unicode string>``, not the file."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        line, column = mark.line + 1, mark.column + 1
+        # The standard tag prefix as a user writes it: !!python/object, not tag:yaml.org,...
+        what = (exc.problem or "").replace("tag:yaml.org,2002:", "!!")
+        if exc.context:
+            at = exc.context_mark
+            at = f" at line {at.line + 1}, column {at.column + 1}" if at is not None else ""
+            what += f" ({exc.context}{at})"
+    elif isinstance(exc, yaml.reader.ReaderError):
+        line, column = _line_column(text, exc.position)
+        what = f"character #x{exc.character:04x}: {exc.reason}"
+    else:
+        return f"not valid YAML ({' '.join(str(exc).split())})"
+    return f"line {line}, column {column}: not valid YAML: {what}"
+
+
+def _line_column(text: str | bytes, index: int) -> tuple[int, int]:
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line_start = text.rfind(newline, 0, index) + 1
+    return text.count(newline, 0, index) + 1, index - line_start + 1
 
 
 def validate_config(data: dict[str, Any], source: str = "<dict>") -> TolariaConfig:
