@@ -7,6 +7,19 @@ import pytest
 
 from tolaria.cli import main
 
+#: A small real run: digits trains an epoch in well under a second.
+DIGITS = [
+    "data.dataset=digits",
+    "run.device=cpu",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "checkpoint.every_epochs=0",
+]
+
+
+def sets(*settings: str) -> list[str]:
+    return [f"--set={s}" for s in settings]
+
 
 def one_line(capsys) -> str:
     err = capsys.readouterr().err
@@ -34,3 +47,33 @@ def test_a_config_file_that_does_not_read_is_one_line_naming_file_and_position(
     config.write_bytes(content)
     assert main(["config", "--config", str(config)]) == 2
     assert one_line(capsys) == f"tolaria: error: {config}: {message}"
+
+
+# -- user code that raises -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("data.dataset=plugins_for_cli_tests:raising_dataset",
+     "data.dataset='plugins_for_cli_tests:raising_dataset': raising_dataset(...) raised "
+     "ValueError('boom')"),
+    ("model.host=plugins_for_cli_tests:raising_host",
+     "model.host='plugins_for_cli_tests:raising_host': raising_host(...) raised "
+     "RuntimeError('no such layer')"),
+])
+def test_user_code_that_raises_is_one_line_and_the_traceback_only_when_asked(
+    tmp_path, capsys, monkeypatch, setting, message
+):
+    run = tmp_path / "run"
+    command = ["train", "--run-dir", str(run), *sets(*DIGITS, setting)]
+    assert main(command) == 2
+    assert one_line(capsys) == f"tolaria: error: {message}"
+
+    assert main(["--debug", *command]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "The above exception was the direct cause" in err
+    assert err.strip().splitlines()[-1] == f"tolaria: error: {message}"
+
+    monkeypatch.setenv("TOLARIA_DEBUG", "1")
+    assert main(command) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert not run.exists()

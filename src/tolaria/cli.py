@@ -1,10 +1,13 @@
-"""The `tolaria` command: parse, build, call.  Errors print one line, never a traceback."""
+"""The `tolaria` command: parse, build, call.  Errors print one line; the traceback only with
+`--debug`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
@@ -14,10 +17,18 @@ from tolaria.config import load_config
 from tolaria.errors import TolariaError
 from tolaria.rundir import RunDirectory
 
+#: Set to 1 for ``--debug``: the traceback behind an error, for whoever debugs Tolaria.
+DEBUG_VARIABLE = "TOLARIA_DEBUG"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tolaria", description="Train neural networks that grow while they train."
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback behind an error (or set {DEBUG_VARIABLE}=1)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -63,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plot(args, console)
         return _resume(args, console)
     except TolariaError as exc:
+        if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            traceback.print_exception(exc)
         console.print(f"[bold red]tolaria: error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
