@@ -3,6 +3,9 @@ early (Ctrl-C, a crash before its first checkpoint) can always be continued."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from tolaria.cli import main
@@ -19,6 +22,11 @@ DIGITS = [
 
 def sets(*settings: str) -> list[str]:
     return [f"--set={s}" for s in settings]
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def one_line(capsys) -> str:
@@ -77,3 +85,40 @@ def test_user_code_that_raises_is_one_line_and_the_traceback_only_when_asked(
     assert main(command) == 2
     assert "Traceback" in capsys.readouterr().err
     assert not run.exists()
+
+
+# -- a finished run to work on -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A completed two-epoch run; tests work on copies of it."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", "--run-dir", str(run), *sets(*DIGITS, "run.epochs=2")]) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path, capsys) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    capsys.readouterr()
+    return copy
+
+
+# -- tolaria plot --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("missing/curves.png", "no folder {folder}"),
+    ("curves.bmp", "cannot write .bmp (supported: .eps, "),
+    ("curves", "cannot write a file without an extension (supported: .eps, "),
+])
+def test_plot_refuses_an_output_it_cannot_write_in_one_line(run_copy, capsys, name, problem):
+    out = run_copy / name
+    before = tree(run_copy)
+    assert main(["plot", str(run_copy), "--out", str(out)]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"tolaria: error: --out {out}: {problem.format(folder=out.parent)}")
+    assert tree(run_copy) == before
+    assert not (run_copy / "missing").exists()  # no folder made on the quiet
