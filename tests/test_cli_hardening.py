@@ -3,12 +3,15 @@ early (Ctrl-C, a crash before its first checkpoint) can always be continued."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from tolaria.cli import main
+from tolaria.config import config_for_resume, load_config
+from tolaria.errors import ConfigError
 
 #: A small real run: digits trains an epoch in well under a second.
 DIGITS = [
@@ -27,6 +30,10 @@ def sets(*settings: str) -> list[str]:
 def tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def one_line(capsys) -> str:
@@ -122,3 +129,54 @@ def test_plot_refuses_an_output_it_cannot_write_in_one_line(run_copy, capsys, na
     assert line.startswith(f"tolaria: error: --out {out}: {problem.format(folder=out.parent)}")
     assert tree(run_copy) == before
     assert not (run_copy / "missing").exists()  # no folder made on the quiet
+
+
+# -- tolaria resume --set ------------------------------------------------------------------
+
+
+def test_resume_with_more_epochs_extends_a_completed_run_exactly(run_copy, tmp_path, capsys):
+    reference = tmp_path / "reference"
+    assert main(["train", "--run-dir", str(reference), *sets(*DIGITS, "run.epochs=4")]) == 0
+    capsys.readouterr()
+
+    assert main(["resume", str(run_copy), "--set", "run.epochs=4"]) == 0
+    err = capsys.readouterr().err
+    assert f"{run_copy / 'config.yaml'}: changed run.epochs" in err
+    assert f"resuming {run_copy} at epoch 2" in err
+    assert load_config(run_copy / "config.yaml").run.epochs == 4
+    assert metrics(run_copy) == metrics(reference)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("optimizer.lr=0.1", "--set optimizer.lr: changing optimizer.lr would break exact resume; "
+                         "start a new run (a resume may change checkpoint.every_epochs, "),
+    ("run.epochs=1", "--set run.epochs=1: the newest checkpoint already holds 2 epochs"),
+    ("run.epochz=3", "run.epochz: unknown key"),
+])
+def test_resume_refuses_a_change_that_breaks_exact_resume_and_writes_nothing(
+    run_copy, capsys, setting, message
+):
+    (run_copy / "summary.json").unlink()  # a killed run: it would otherwise resume
+    before = tree(run_copy)
+    assert main(["resume", str(run_copy), "--set", setting]) == 2
+    assert message in one_line(capsys)
+    assert tree(run_copy) == before
+
+
+def test_resume_config_allows_the_safe_fields_and_refuses_a_derived_schedule_length():
+    stored = load_config(None, ["run.epochs=10"])
+    safe = ["run.epochs=20", "run.progress=false", "run.tensorboard=false", "run.num_threads=2",
+            "run.callbacks=[plugins_for_cli_tests:InterruptAt]", "checkpoint.every_epochs=1",
+            "checkpoint.keep=5", "run.seed=0"]  # the seed as it was: no change
+    config = config_for_resume(stored, safe, "c.yaml", checkpointed_epochs=10)
+    assert config.run.epochs == 20 and config.checkpoint.keep == 5
+
+    # A schedule whose length comes from run.epochs would be another schedule: refused,
+    # unless its length is given.
+    cosine = ["run.epochs=10", "scheduler.name=CosineAnnealingLR"]
+    with pytest.raises(ConfigError, match=r"CosineAnnealingLR takes T_max from run\.epochs"):
+        config_for_resume(load_config(None, cosine), ["run.epochs=20"], "c.yaml",
+                          checkpointed_epochs=10)
+    fixed = load_config(None, [*cosine, "scheduler.kwargs={T_max: 10}"])
+    assert config_for_resume(fixed, ["run.epochs=20"], "c.yaml",
+                             checkpointed_epochs=10).run.epochs == 20

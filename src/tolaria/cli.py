@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tolaria.config import load_config
+from tolaria.atomic import write_atomic
+from tolaria.config import RESUMABLE_FIELDS, changed_fields, config_for_resume, load_config
 from tolaria.errors import TolariaError
 from tolaria.rundir import RunDirectory
 
@@ -32,16 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def overrides(command: argparse.ArgumentParser, help: str) -> None:
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+        )
+
     def config_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("--config", type=Path, help="YAML config (default: built-in)")
-        command.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config field, e.g. --set run.epochs=5 (repeatable)",
-        )
+        overrides(command, "override a config field, e.g. --set run.epochs=5 (repeatable)")
 
     train = commands.add_parser("train", help="train a model from a config")
     config_options(train)
@@ -51,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="continue a killed run from its last checkpoint")
     resume.add_argument("run_dir", type=Path)
+    overrides(
+        resume,
+        f"change a field that keeps the resume exact: {', '.join(sorted(RESUMABLE_FIELDS))} "
+        "(repeatable; written to RUN_DIR/config.yaml)",
+    )
 
     plot = commands.add_parser("plot", help="draw a run's learning curves and growth events")
     plot.add_argument("run_dir", type=Path)
@@ -98,11 +102,18 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer
 
-    if _completed(args.run_dir):  # asked before locking: a finished run is left untouched
-        _, config = RunDirectory.open_existing(args.run_dir, lock=False)
-        console.print(f"{args.run_dir} already completed its {config.run.epochs} epochs")
+    run_dir, stored = RunDirectory.open_existing(args.run_dir, lock=False)
+    config = config_for_resume(
+        stored,
+        args.overrides,
+        str(run_dir.path / "config.yaml"),
+        checkpointed_epochs=_checkpointed_epochs(run_dir),
+    )
+    # Asked before locking: a finished run is left untouched, unless it is asked for more.
+    if _completed(run_dir.path) and config.run.epochs <= stored.run.epochs:
+        console.print(f"{run_dir.path} already completed its {stored.run.epochs} epochs")
         return 0
-    run_dir, config = RunDirectory.open_existing(args.run_dir)  # locked until the run ends
+    run_dir.lock.acquire()  # held until the run ends
     try:
         trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
         epoch = trainer.resume(
@@ -110,12 +121,24 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
                 f"[yellow]skipping checkpoint {path}: {reason}"
             )
         )
-    except BaseException:
-        run_dir.close()
-        raise
-    console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
-    _print_summary(trainer.train(), run_dir.path)
+        changed = changed_fields(stored, config)
+        if changed:  # only now: a refused resume leaves the config it ran with
+            write_atomic(run_dir.path / "config.yaml", config.to_yaml())
+            console.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
+        console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
+        summary = trainer.train()
+    finally:
+        run_dir.close()  # train() releases it too; this is for a failure before it
+    _print_summary(summary, run_dir.path)
     return 0
+
+
+def _checkpointed_epochs(run_dir: RunDirectory) -> int:
+    """Epochs the newest durable checkpoint holds, by its name (0: none yet)."""
+    from tolaria.checkpoint import CheckpointStore, checkpoint_epoch
+
+    newest = CheckpointStore(run_dir.checkpoint_dir, keep=1).checkpoints()[-1:]
+    return checkpoint_epoch(newest[0]) + 1 if newest else 0
 
 
 def _completed(run_dir: Path) -> bool:

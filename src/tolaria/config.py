@@ -224,6 +224,68 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> To
     return validate_config(data, source)
 
 
+#: What ``tolaria resume --set`` may change: how long the run goes on, what watches it, how
+#: often it is saved, its CPU threads (at most the last bits of a sum).  Every other field
+#: shapes what a checkpoint continues (data, model, optimizer, schedule, seed, controller):
+#: changed, the resumed run would no longer be the run it continues.
+RESUMABLE_FIELDS = frozenset({
+    "run.epochs",
+    "run.progress",
+    "run.tensorboard",
+    "run.num_threads",
+    "run.callbacks",
+    "checkpoint.every_epochs",
+    "checkpoint.keep",
+})
+
+
+def config_for_resume(
+    stored: TolariaConfig, overrides: list[str], source: str, *, checkpointed_epochs: int
+) -> TolariaConfig:
+    """``stored`` (a run directory's config, read from ``source``) with ``overrides`` applied,
+    if each change keeps the resume exact; ``checkpointed_epochs`` is how many epochs the
+    newest checkpoint holds."""
+    data = stored.model_dump(mode="json")
+    for override in overrides:
+        _apply_override(data, override)
+    config = validate_config(data, source)
+    for field in changed_fields(stored, config):
+        if field not in RESUMABLE_FIELDS:
+            raise ConfigError(
+                f"--set {field}: changing {field} would break exact resume; start a new run "
+                f"(a resume may change {', '.join(sorted(RESUMABLE_FIELDS))})"
+            )
+    epochs = config.run.epochs
+    if epochs != stored.run.epochs:
+        if epochs < checkpointed_epochs:
+            raise ConfigError(
+                f"--set run.epochs={epochs}: the newest checkpoint already holds "
+                f"{checkpointed_epochs} epochs"
+            )
+        from tolaria.schedules import horizon_arguments  # imports torch: only when asked
+
+        derived = horizon_arguments(config.scheduler)
+        if derived:
+            raise ConfigError(
+                f"--set run.epochs: scheduler {config.scheduler.name} takes {derived[0]} from "
+                "run.epochs, so changing it would break exact resume; start a new run"
+            )
+    return config
+
+
+def changed_fields(old: TolariaConfig, new: TolariaConfig) -> list[str]:
+    """The ``section.field`` names whose values differ between ``old`` and ``new``."""
+    changed = []
+    for section in type(old).model_fields:
+        before, after = getattr(old, section), getattr(new, section)
+        changed += [
+            f"{section}.{field}"
+            for field in type(before).model_fields
+            if getattr(before, field) != getattr(after, field)
+        ]
+    return changed
+
+
 def _read_file(path: Path, source: str) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
