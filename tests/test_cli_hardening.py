@@ -4,14 +4,22 @@ early (Ctrl-C, a crash before its first checkpoint) can always be continued."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tolaria.build import build_trainer
+from tolaria.checkpoint import CheckpointStore, checkpoint_epoch
 from tolaria.cli import main
 from tolaria.config import config_for_resume, load_config
 from tolaria.errors import ConfigError
+from tolaria.rundir import RunDirectory
 
 #: A small real run: digits trains an epoch in well under a second.
 DIGITS = [
@@ -180,3 +188,81 @@ def test_resume_config_allows_the_safe_fields_and_refuses_a_derived_schedule_len
     fixed = load_config(None, [*cosine, "scheduler.kwargs={T_max: 10}"])
     assert config_for_resume(fixed, ["run.epochs=20"], "c.yaml",
                              checkpointed_epochs=10).run.epochs == 20
+
+
+# -- Ctrl-C --------------------------------------------------------------------------------
+
+
+def test_ctrl_c_before_a_run_directory_exists_gives_no_resume_hint(tmp_path, capsys):
+    run = tmp_path / "run"
+    setting = "data.dataset=plugins_for_cli_tests:interrupted_dataset"
+    assert main(["train", "--run-dir", str(run), *sets(*DIGITS, setting)]) == 130
+    assert one_line(capsys) == "interrupted"
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(("event", "epoch", "every", "kept"), [
+    ("epoch_start", 3, 0, 2),  # mid-run: the last finished epoch is made durable
+    # Between epoch 2's durable checkpoint and its epoch_end record: the checkpoint of the
+    # last epoch whose records are all written supersedes it.
+    ("checkpoint_saved", 2, 1, 1),
+])
+def test_ctrl_c_keeps_the_last_finished_epoch_and_resume_reproduces_the_run(
+    tiny_config, tiny_data, tmp_path, event, epoch, every, kept
+):
+    from plugins_for_cli_tests import InterruptAt
+
+    tiny_config.checkpoint.every_epochs = every
+    build_trainer(tiny_config, data=tiny_data, run_dir=tmp_path / "reference").train()
+    run = tmp_path / "run"
+    trainer = build_trainer(tiny_config, data=tiny_data, run_dir=run,
+                            callbacks=[InterruptAt(event, epoch)])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert json.loads((run / "status.json").read_text())["phase"] == "interrupted"
+    newest = CheckpointStore(run / "checkpoints", keep=2).checkpoints()[-1]
+    assert checkpoint_epoch(newest) == kept
+    run_dir, _ = RunDirectory.open_existing(run)
+    resumed = build_trainer(tiny_config, data=tiny_data, run_dir=run_dir)
+    assert resumed.resume() == kept + 1
+    resumed.train()
+    assert metrics(run) == metrics(tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_sigint_mid_run_marks_it_interrupted_and_resume_reproduces_it(tmp_path):
+    settings = sets(*DIGITS, "run.epochs=40")
+    reference, run = tmp_path / "reference", tmp_path / "run"
+
+    def tolaria(*args) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tolaria.cli", *map(str, args)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    uninterrupted = tolaria("train", "--run-dir", reference, *settings)
+    victim = tolaria("train", "--run-dir", run, *settings)
+    deadline = time.monotonic() + 120
+    lines = run / "metrics.jsonl"  # counted, not parsed: the run may be writing the last one
+    while not (lines.exists() and len(lines.read_text().splitlines()) >= 3):
+        assert victim.poll() is None and time.monotonic() < deadline, victim.stderr.read()
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGINT)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"interrupted; continue with `tolaria resume {run}`"
+    assert "Traceback" not in err
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert json.loads((run / "status.json").read_text())["phase"] == "interrupted"
+    (newest,) = CheckpointStore(run / "checkpoints", keep=2).checkpoints()
+    # The last epoch recorded -- or the one before, had the signal come in the few bytecodes
+    # between writing an epoch's record and the trainer counting it finished.
+    assert metrics(run)[-1]["epoch"] - checkpoint_epoch(newest) in (0, 1)
+
+    resumed = tolaria("resume", run)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert f"resuming {run} at epoch {checkpoint_epoch(newest) + 1}" in err
+    assert uninterrupted.wait(timeout=120) == 0
+    assert metrics(run) == metrics(reference)

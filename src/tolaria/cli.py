@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]tolaria: error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        console.print("interrupted; continue with `tolaria resume RUN_DIR`")
-        return 130
+        return _interrupted(console)
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
@@ -94,8 +93,12 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     path = args.run_dir or RunDirectory.default_path(config)
     RunDirectory.check_free(path)  # fail before minutes of data generation, not after
     trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, console))
-    console.print(f"run directory: [bold]{path}[/]")
-    _print_summary(trainer.train(), path)
+    try:
+        console.print(f"run directory: [bold]{path}[/]")
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        return _interrupted(console, path)
+    _print_summary(summary, path)
     return 0
 
 
@@ -127,10 +130,20 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
             console.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
         console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
         summary = trainer.train()
+    except KeyboardInterrupt:
+        return _interrupted(console, run_dir.path)
     finally:
         run_dir.close()  # train() releases it too; this is for a failure before it
     _print_summary(summary, run_dir.path)
     return 0
+
+
+def _interrupted(console: Console, run_path: Path | None = None) -> int:
+    """Ctrl-C: where there is a run directory, the trainer has marked it interrupted and kept
+    its last finished epoch; say how to go on."""
+    hint = f"; continue with `tolaria resume {run_path}`" if run_path is not None else ""
+    console.print(f"interrupted{hint}", highlight=False)
+    return 130
 
 
 def _checkpointed_epochs(run_dir: RunDirectory) -> int:

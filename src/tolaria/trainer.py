@@ -135,12 +135,14 @@ class TolariaTrainer:
         """
         self._started = time.perf_counter()
         epochs = self.config.run.epochs
+        finished = self.current_epoch - 1  # the newest epoch whose snapshot and records are whole
         self._emit(records.RunStart, epochs=epochs, params=count_parameters(self.model),
                    device=self.device.type)
         status, error = "failed", None
         try:
             while self.current_epoch < epochs:
                 self.run_epoch(self.current_epoch)
+                finished = self.current_epoch - 1
             if self.store is not None and self._last_durable_epoch != self.current_epoch - 1:
                 self._save_durable(self._capture(epoch=self.current_epoch - 1))
             status = "completed"
@@ -149,6 +151,7 @@ class TolariaTrainer:
             raise
         except KeyboardInterrupt:
             status = "interrupted"
+            self._save_interrupted(finished)
             raise
         finally:
             summary = run_summary(self, status=status, error=error)
@@ -286,6 +289,18 @@ class TolariaTrainer:
         self.snapshots.push(snapshot)
         every = self.config.checkpoint.every_epochs
         if self.store is not None and every and (epoch + 1) % every == 0:
+            self._save_durable(snapshot)
+
+    def _save_interrupted(self, finished: int) -> None:
+        """A Ctrl-C keeps every finished epoch: the snapshot of ``finished``, already in
+        memory, becomes the newest durable checkpoint unless it is already.  Not that of an
+        epoch whose records are not all written (the interrupt came between its snapshot and
+        its ``epoch_end``): resuming from it would lose them, so a durable checkpoint of
+        such an epoch is superseded too."""
+        snapshot = self.snapshots.newest_before(finished + 1)
+        if self.store is None or snapshot is None or snapshot.epoch < 0:
+            return  # no run directory, or nothing trained: nothing to keep
+        if snapshot.epoch != self._last_durable_epoch:
             self._save_durable(snapshot)
 
     def _save_durable(self, snapshot: Snapshot) -> None:
