@@ -19,7 +19,7 @@ from tolaria.checkpoint import CheckpointStore, checkpoint_epoch
 from tolaria.cli import main
 from tolaria.config import config_for_resume, load_config
 from tolaria.errors import ConfigError
-from tolaria.rundir import RunDirectory
+from tolaria.rundir import RunDirectory, RunLock
 
 #: A small real run: digits trains an epoch in well under a second.
 DIGITS = [
@@ -266,3 +266,68 @@ def test_sigint_mid_run_marks_it_interrupted_and_resume_reproduces_it(tmp_path):
     assert f"resuming {run} at epoch {checkpoint_epoch(newest) + 1}" in err
     assert uninterrupted.wait(timeout=120) == 0
     assert metrics(run) == metrics(reference)
+
+
+# -- a run stopped before its first checkpoint; --overwrite --------------------------------
+
+
+def test_resume_restarts_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    settings = [*DIGITS, "run.epochs=3"]
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert main(["train", "--run-dir", str(reference), *sets(*settings)]) == 0
+
+    # Two epochs recorded, then the process died: no checkpoint, no summary.
+    trainer = build_trainer(load_config(None, settings), run_dir=stopped)
+    trainer.run_epoch(0)
+    trainer.run_epoch(1)
+    trainer.run_dir.close()
+    assert len(metrics(stopped)) == 2 and not (stopped / "checkpoints").exists()
+    capsys.readouterr()
+
+    assert main(["resume", str(stopped)]) == 0
+    assert (f"no checkpoint in {stopped} yet: starting it over from epoch 0 (same config and "
+            "seed, same run)") in capsys.readouterr().err
+    assert metrics(stopped) == metrics(reference)
+
+
+def test_overwrite_replaces_a_run_and_keeps_what_is_not_the_runs(run_copy, capsys):
+    (run_copy / "notes.txt").write_text("mine")
+    old_checkpoints = CheckpointStore(run_copy / "checkpoints", keep=2).checkpoints()
+
+    assert main(["train", "--run-dir", str(run_copy), "--overwrite",
+                 *sets(*DIGITS, "run.epochs=1")]) == 0
+    assert load_config(run_copy / "config.yaml").run.epochs == 1
+    assert len(metrics(run_copy)) == 1
+    assert (run_copy / "notes.txt").read_text() == "mine"
+    new_checkpoints = CheckpointStore(run_copy / "checkpoints", keep=2).checkpoints()
+    assert [checkpoint_epoch(c) for c in new_checkpoints] == [0]
+    assert not any(c.exists() for c in old_checkpoints if c not in new_checkpoints)
+
+
+def test_overwrite_is_refused_while_another_process_holds_the_run(run_copy, capsys):
+    before = tree(run_copy)
+    holder = RunLock(run_copy)
+    holder.acquire()  # its own open file: flock refuses the CLI's as it would another process
+    try:
+        assert main(["train", "--run-dir", str(run_copy), "--overwrite", *sets(*DIGITS)]) == 1
+    finally:
+        holder.release()
+    assert f"{run_copy} is in use by pid {os.getpid()}" in one_line(capsys)
+    assert tree(run_copy) == before
+
+
+def test_overwrite_with_a_bad_config_leaves_the_old_run_as_it_was(run_copy, capsys):
+    before = tree(run_copy)
+    command = ["train", "--run-dir", str(run_copy), "--overwrite",
+               *sets(*DIGITS, "model.kwargs={width: 3}")]
+    assert main(command) == 2
+    assert "model.kwargs: unknown argument(s) 'width'" in one_line(capsys)
+    assert tree(run_copy) == before
+
+
+def test_without_overwrite_a_run_directory_in_use_says_how_to_replace_it(run_copy, capsys):
+    assert main(["train", "--run-dir", str(run_copy), *sets(*DIGITS)]) == 2
+    assert one_line(capsys) == (
+        f"tolaria: error: {run_copy} already holds a run; continue it with `tolaria resume "
+        f"{run_copy}`, replace it with --overwrite or choose another --run-dir"
+    )

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--run-dir", type=Path, help="where to write the run (default: runs/NAME-TIME)"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --run-dir (refused while another process runs it)",
+    )
 
     resume = commands.add_parser("resume", help="continue a killed run from its last checkpoint")
     resume.add_argument("run_dir", type=Path)
@@ -91,8 +96,19 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
     config = load_config(args.config, args.overrides)
     path = args.run_dir or RunDirectory.default_path(config)
-    RunDirectory.check_free(path)  # fail before minutes of data generation, not after
-    trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, console))
+    if args.overwrite and path.is_dir():
+        # Locked first, replaced last: a run in progress is refused, and a mistake in the
+        # new config (found while building) leaves the old run as it was.
+        run_dir = RunDirectory.claim(path)
+        try:
+            trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
+            run_dir.replace(config)
+        except BaseException:
+            run_dir.close()
+            raise
+    else:
+        RunDirectory.check_free(path)  # fail before minutes of data generation, not after
+        trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, console))
     try:
         console.print(f"run directory: [bold]{path}[/]")
         summary = trainer.train()
@@ -128,7 +144,13 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
         if changed:  # only now: a refused resume leaves the config it ran with
             write_atomic(run_dir.path / "config.yaml", config.to_yaml())
             console.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
-        console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
+        if epoch == 0:
+            console.print(
+                f"no checkpoint in {run_dir.path} yet: starting it over from epoch 0 "
+                "(same config and seed, same run)"
+            )
+        else:
+            console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
         summary = trainer.train()
     except KeyboardInterrupt:
         return _interrupted(console, run_dir.path)

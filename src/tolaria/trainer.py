@@ -336,9 +336,15 @@ class TolariaTrainer:
                    reason=reason)
 
     def resume(self, on_skip=None) -> int:
-        """Continue from the newest valid durable checkpoint; returns the epoch it resumes at."""
+        """Continue from the newest valid durable checkpoint; returns the epoch it resumes at,
+        0 for a run stopped before its first checkpoint: it starts over."""
         if self.store is None:
             raise CheckpointError("resume needs a run directory")
+        if not self.store.checkpoints():
+            # Its config and seed are all such a run kept, and they make the same run again;
+            # what it recorded is dropped (a resume from epoch -1), to be written once more.
+            self._emit(records.Resume, epoch=-1, checkpoint_epoch=-1)
+            return self.current_epoch
         snapshot = self.store.load_latest(on_skip=on_skip)
         restore_snapshot(snapshot, self.components)
         self.global_step = snapshot.global_step
