@@ -331,3 +331,27 @@ def test_without_overwrite_a_run_directory_in_use_says_how_to_replace_it(run_cop
         f"tolaria: error: {run_copy} already holds a run; continue it with `tolaria resume "
         f"{run_copy}`, replace it with --overwrite or choose another --run-dir"
     )
+
+
+# -- a summary that does not read ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("garbage", "problem"), [
+    (b'{"status": "compl', "not JSON (Unterminated string starting at: line 1 column 12 "
+                          "(char 11))"),
+    (b"\x80 torn", "not JSON ('utf-8' codec can't decode byte 0x80 in position 0: "
+                   "invalid start byte)"),
+    (b"[1, 2]", "not a JSON object"),
+])
+def test_an_unreadable_summary_means_the_run_did_not_complete_and_resume_goes_on(
+    run_copy, capsys, garbage, problem
+):
+    (run_copy / "summary.json").write_bytes(garbage)
+    assert main(["resume", str(run_copy)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[0] == (
+        f"{run_copy / 'summary.json'}: {problem}; the run did not complete, so it is resumed"
+    )
+    assert f"resuming {run_copy} at epoch 2" in err
+    assert json.loads((run_copy / "summary.json").read_text())["status"] == "completed"

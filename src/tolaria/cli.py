@@ -129,7 +129,7 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
         checkpointed_epochs=_checkpointed_epochs(run_dir),
     )
     # Asked before locking: a finished run is left untouched, unless it is asked for more.
-    if _completed(run_dir.path) and config.run.epochs <= stored.run.epochs:
+    if _completed(run_dir.path, console) and config.run.epochs <= stored.run.epochs:
         console.print(f"{run_dir.path} already completed its {stored.run.epochs} epochs")
         return 0
     run_dir.lock.acquire()  # held until the run ends
@@ -176,11 +176,23 @@ def _checkpointed_epochs(run_dir: RunDirectory) -> int:
     return checkpoint_epoch(newest[0]) + 1 if newest else 0
 
 
-def _completed(run_dir: Path) -> bool:
+def _completed(run_dir: Path, console: Console) -> bool:
     summary_file = Path(run_dir) / "summary.json"
     if not summary_file.exists():
         return False
-    return json.loads(summary_file.read_text()).get("status") == "completed"
+    try:
+        summary = json.loads(summary_file.read_bytes())
+        problem = None if isinstance(summary, dict) else "not a JSON object"
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        problem = f"not JSON ({exc})"
+    if problem is not None:
+        # Written atomically at the very end: a summary that does not read never completed.
+        console.print(
+            f"{summary_file}: {problem}; the run did not complete, so it is resumed",
+            highlight=False,
+        )
+        return False
+    return summary.get("status") == "completed"
 
 
 def _plot(args: argparse.Namespace, console: Console) -> int:
