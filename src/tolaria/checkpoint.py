@@ -296,6 +296,12 @@ class SnapshotRing:
 _NAME = re.compile(r"^ckpt-(\d{6,})-epoch-(-?\d+)$")
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint directory's name says it holds (its contents are checked on
+    load, not here)."""
+    return int(_NAME.match(Path(path).name).group(2))
+
+
 class CheckpointStore:
     """Durable checkpoints in one directory, newest ``keep`` retained.
 

@@ -1,45 +1,65 @@
-"""The `tolaria` command: parse, build, call.  Errors print one line, never a traceback."""
+"""The `tolaria` command: parse, build, call.  Errors print one line; the traceback only with
+`--debug`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from tolaria.config import load_config
+from tolaria.atomic import write_atomic
+from tolaria.config import RESUMABLE_FIELDS, changed_fields, config_for_resume, load_config
 from tolaria.errors import TolariaError
 from tolaria.rundir import RunDirectory
+
+#: Set to 1 for ``--debug``: the traceback behind an error, for whoever debugs Tolaria.
+DEBUG_VARIABLE = "TOLARIA_DEBUG"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tolaria", description="Train neural networks that grow while they train."
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback behind an error (or set {DEBUG_VARIABLE}=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    def overrides(command: argparse.ArgumentParser, help: str) -> None:
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+        )
 
     def config_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("--config", type=Path, help="YAML config (default: built-in)")
-        command.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config field, e.g. --set run.epochs=5 (repeatable)",
-        )
+        overrides(command, "override a config field, e.g. --set run.epochs=5 (repeatable)")
 
     train = commands.add_parser("train", help="train a model from a config")
     config_options(train)
     train.add_argument(
         "--run-dir", type=Path, help="where to write the run (default: runs/NAME-TIME)"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --run-dir (refused while another process runs it)",
+    )
 
     resume = commands.add_parser("resume", help="continue a killed run from its last checkpoint")
     resume.add_argument("run_dir", type=Path)
+    overrides(
+        resume,
+        f"change a field that keeps the resume exact: {', '.join(sorted(RESUMABLE_FIELDS))} "
+        "(repeatable; written to RUN_DIR/config.yaml)",
+    )
 
     plot = commands.add_parser("plot", help="draw a run's learning curves and growth events")
     plot.add_argument("run_dir", type=Path)
@@ -63,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             return _plot(args, console)
         return _resume(args, console)
     except TolariaError as exc:
+        if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            traceback.print_exception(exc)
         console.print(f"[bold red]tolaria: error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        console.print("interrupted; continue with `tolaria resume RUN_DIR`")
-        return 130
+        return _interrupted(console)
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
@@ -75,21 +96,43 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
     config = load_config(args.config, args.overrides)
     path = args.run_dir or RunDirectory.default_path(config)
-    RunDirectory.check_free(path)  # fail before minutes of data generation, not after
-    trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, console))
-    console.print(f"run directory: [bold]{path}[/]")
-    _print_summary(trainer.train(), path)
+    if args.overwrite and path.is_dir():
+        # Locked first, replaced last: a run in progress is refused, and a mistake in the
+        # new config (found while building) leaves the old run as it was.
+        run_dir = RunDirectory.claim(path)
+        try:
+            trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
+            run_dir.replace(config)
+        except BaseException:
+            run_dir.close()
+            raise
+    else:
+        RunDirectory.check_free(path)  # fail before minutes of data generation, not after
+        trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, console))
+    try:
+        console.print(f"run directory: [bold]{path}[/]")
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        return _interrupted(console, path)
+    _print_summary(summary, path)
     return 0
 
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer
 
-    if _completed(args.run_dir):  # asked before locking: a finished run is left untouched
-        _, config = RunDirectory.open_existing(args.run_dir, lock=False)
-        console.print(f"{args.run_dir} already completed its {config.run.epochs} epochs")
+    run_dir, stored = RunDirectory.open_existing(args.run_dir, lock=False)
+    config = config_for_resume(
+        stored,
+        args.overrides,
+        str(run_dir.path / "config.yaml"),
+        checkpointed_epochs=_checkpointed_epochs(run_dir),
+    )
+    # Asked before locking: a finished run is left untouched, unless it is asked for more.
+    if _completed(run_dir.path, console) and config.run.epochs <= stored.run.epochs:
+        console.print(f"{run_dir.path} already completed its {stored.run.epochs} epochs")
         return 0
-    run_dir, config = RunDirectory.open_existing(args.run_dir)  # locked until the run ends
+    run_dir.take()  # held until the run ends
     try:
         trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
         epoch = trainer.resume(
@@ -97,19 +140,59 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
                 f"[yellow]skipping checkpoint {path}: {reason}"
             )
         )
-    except BaseException:
-        run_dir.close()
-        raise
-    console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
-    _print_summary(trainer.train(), run_dir.path)
+        changed = changed_fields(stored, config)
+        if changed:  # only now: a refused resume leaves the config it ran with
+            write_atomic(run_dir.path / "config.yaml", config.to_yaml())
+            console.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
+        if epoch == 0:
+            console.print(
+                f"no checkpoint in {run_dir.path} yet: starting it over from epoch 0 "
+                "(same config and seed, same run)"
+            )
+        else:
+            console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        return _interrupted(console, run_dir.path)
+    finally:
+        run_dir.close()  # train() releases it too; this is for a failure before it
+    _print_summary(summary, run_dir.path)
     return 0
 
 
-def _completed(run_dir: Path) -> bool:
+def _interrupted(console: Console, run_path: Path | None = None) -> int:
+    """Ctrl-C: where there is a run directory, the trainer has marked it interrupted and kept
+    its last finished epoch; say how to go on."""
+    hint = f"; continue with `tolaria resume {run_path}`" if run_path is not None else ""
+    console.print(f"interrupted{hint}", highlight=False)
+    return 130
+
+
+def _checkpointed_epochs(run_dir: RunDirectory) -> int:
+    """Epochs the newest durable checkpoint holds, by its name (0: none yet)."""
+    from tolaria.checkpoint import CheckpointStore, checkpoint_epoch
+
+    newest = CheckpointStore(run_dir.checkpoint_dir, keep=1).checkpoints()[-1:]
+    return checkpoint_epoch(newest[0]) + 1 if newest else 0
+
+
+def _completed(run_dir: Path, console: Console) -> bool:
     summary_file = Path(run_dir) / "summary.json"
     if not summary_file.exists():
         return False
-    return json.loads(summary_file.read_text()).get("status") == "completed"
+    try:
+        summary = json.loads(summary_file.read_bytes())
+        problem = None if isinstance(summary, dict) else "not a JSON object"
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        problem = f"not JSON ({exc})"
+    if problem is not None:
+        # Written atomically at the very end: a summary that does not read never completed.
+        console.print(
+            f"{summary_file}: {problem}; the run did not complete, so it is resumed",
+            highlight=False,
+        )
+        return False
+    return summary.get("status") == "completed"
 
 
 def _plot(args: argparse.Namespace, console: Console) -> int:

@@ -228,20 +228,116 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> To
     return validate_config(data, source)
 
 
+#: What ``tolaria resume --set`` may change: how long the run goes on, what watches it, how
+#: often it is saved, its CPU threads (at most the last bits of a sum).  Every other field
+#: shapes what a checkpoint continues (data, model, optimizer, schedule, seed, controller):
+#: changed, the resumed run would no longer be the run it continues.
+RESUMABLE_FIELDS = frozenset({
+    "run.epochs",
+    "run.progress",
+    "run.tensorboard",
+    "run.num_threads",
+    "run.callbacks",
+    "checkpoint.every_epochs",
+    "checkpoint.keep",
+})
+
+
+def config_for_resume(
+    stored: TolariaConfig, overrides: list[str], source: str, *, checkpointed_epochs: int
+) -> TolariaConfig:
+    """``stored`` (a run directory's config, read from ``source``) with ``overrides`` applied,
+    if each change keeps the resume exact; ``checkpointed_epochs`` is how many epochs the
+    newest checkpoint holds."""
+    data = stored.model_dump(mode="json")
+    for override in overrides:
+        _apply_override(data, override)
+    config = validate_config(data, source)
+    for field in changed_fields(stored, config):
+        if field not in RESUMABLE_FIELDS:
+            raise ConfigError(
+                f"--set {field}: changing {field} would break exact resume; start a new run "
+                f"(a resume may change {', '.join(sorted(RESUMABLE_FIELDS))})"
+            )
+    epochs = config.run.epochs
+    if epochs != stored.run.epochs:
+        if epochs < checkpointed_epochs:
+            raise ConfigError(
+                f"--set run.epochs={epochs}: the newest checkpoint already holds "
+                f"{checkpointed_epochs} epochs"
+            )
+        from tolaria.schedules import horizon_arguments  # imports torch: only when asked
+
+        derived = horizon_arguments(config.scheduler)
+        if derived:
+            raise ConfigError(
+                f"--set run.epochs: scheduler {config.scheduler.name} takes {derived[0]} from "
+                "run.epochs, so changing it would break exact resume; start a new run"
+            )
+    return config
+
+
+def changed_fields(old: TolariaConfig, new: TolariaConfig) -> list[str]:
+    """The ``section.field`` names whose values differ between ``old`` and ``new``."""
+    changed = []
+    for section in type(old).model_fields:
+        before, after = getattr(old, section), getattr(new, section)
+        changed += [
+            f"{section}.{field}"
+            for field in type(before).model_fields
+            if getattr(before, field) != getattr(after, field)
+        ]
+    return changed
+
+
 def _read_file(path: Path, source: str) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read config file ({exc.strerror})") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = _line_column(raw, exc.start)
+        raise ConfigError(
+            f"{source}: line {line}, column {column}: not UTF-8 text "
+            f"(byte 0x{raw[exc.start]:02x})"
+        ) from None
+    try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{source}: {_yaml_problem(exc, text)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """Where in the file and what, in one line: PyYAML's own message spans several lines and
+    names ``<unicode string>``, not the file."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        line, column = mark.line + 1, mark.column + 1
+        # The standard tag prefix as a user writes it: !!python/object, not tag:yaml.org,...
+        what = (exc.problem or "").replace("tag:yaml.org,2002:", "!!")
+        if exc.context:
+            at = exc.context_mark
+            at = f" at line {at.line + 1}, column {at.column + 1}" if at is not None else ""
+            what += f" ({exc.context}{at})"
+    elif isinstance(exc, yaml.reader.ReaderError):
+        line, column = _line_column(text, exc.position)
+        what = f"character #x{exc.character:04x}: {exc.reason}"
+    else:
+        return f"not valid YAML ({' '.join(str(exc).split())})"
+    return f"line {line}, column {column}: not valid YAML: {what}"
+
+
+def _line_column(text: str | bytes, index: int) -> tuple[int, int]:
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line_start = text.rfind(newline, 0, index) + 1
+    return text.count(newline, 0, index) + 1, index - line_start + 1
 
 
 def validate_config(data: dict[str, Any], source: str = "<dict>") -> TolariaConfig:

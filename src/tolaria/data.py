@@ -42,7 +42,7 @@ from torch.utils.data import (
 
 from tolaria.config import DataConfig
 from tolaria.errors import ConfigError
-from tolaria.plugins import check_kwargs, is_reference, resolve_callable
+from tolaria.plugins import check_kwargs, construct, is_reference, resolve_callable
 from tolaria.registry import Registry
 
 #: What a built-in dataset's loader returns: ``(train, test, input_shape, num_classes)``;
@@ -349,7 +349,7 @@ def _load_user(config: DataConfig, seed: int) -> DataBundle:
     field = f"data.dataset={config.dataset!r}"
     function = resolve_callable(config.dataset, "data.dataset")
     check_kwargs(function, config.kwargs, "data.kwargs")
-    result = function(**config.kwargs)
+    result = construct(function, field, **config.kwargs)
     if isinstance(result, DataBundle):
         return result
     if not (isinstance(result, tuple) and len(result) == 3):

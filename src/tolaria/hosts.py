@@ -18,7 +18,7 @@ from torch import nn
 
 from tolaria.config import ModelConfig
 from tolaria.errors import ConfigError
-from tolaria.plugins import check_kwargs
+from tolaria.plugins import check_kwargs, construct
 from tolaria.registry import Registry
 
 
@@ -146,7 +146,9 @@ def build_host(config: ModelConfig, input_shape: tuple[int, ...], num_classes: i
     """Construct ``config.host`` for inputs of per-sample ``input_shape``; kwargs are checked."""
     factory = BUILTIN_HOSTS.get(config.host)
     check_kwargs(factory, config.kwargs, "model.kwargs", positional=2)
-    model = factory(tuple(input_shape), num_classes, **config.kwargs)
+    model = construct(
+        factory, f"model.host={config.host!r}", tuple(input_shape), num_classes, **config.kwargs
+    )
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.host={config.host!r}: must return an nn.Module, got {type(model).__name__}"

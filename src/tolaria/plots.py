@@ -26,6 +26,9 @@ def plot_run(run: RunDirectory, out: Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = Path(out) if out is not None else run.path / "curves.png"
+    _check_writable(out)
+
     # A rollback re-runs epochs: keep the record that survived (the last for each epoch).
     by_epoch = {m["epoch"]: m for m in metrics}
     epochs = sorted(by_epoch)
@@ -67,7 +70,25 @@ def plot_run(run: RunDirectory, out: Path | None = None) -> Path:
     top.grid(alpha=0.3)
     bottom.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out) if out is not None else run.path / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write it ({exc.strerror})") from None
+    finally:
+        plt.close(fig)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before drawing, a file matplotlib could not write: no folder is made for it,
+    and its extension is what chooses the format."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: no folder {out.parent}")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in supported:
+        raise ConfigError(
+            f"--out {out}: cannot write {out.suffix or 'a file without an extension'} "
+            f"(supported: {', '.join('.' + ext for ext in supported)})"
+        )

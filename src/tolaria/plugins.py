@@ -2,9 +2,10 @@
 
 Datasets and hosts may come from the user's own code.  Resolving such a reference and
 checking the keyword arguments the config passes to it happen here, once, so every
-mistake (a missing module, a misspelt function, an argument it does not accept) is one
-``ConfigError`` naming the offending config field and the reference, not a traceback from
-deep inside an import or a call.
+mistake (a missing module, a misspelt function, an argument it does not accept, an
+exception raised inside it) is one ``ConfigError`` naming the offending config field and
+the reference, not a traceback from deep inside an import or a call (``tolaria --debug``
+shows that traceback).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def resolve_callable(reference: str, field: str) -> Callable[..., Any]:
         raise ConfigError(
             f"{field}={reference!r}: cannot import module {module_name!r} ({exc})"
         ) from None
+    except Exception as exc:  # the user's module itself fails as it is imported
+        raise ConfigError(
+            f"{field}={reference!r}: importing {module_name!r} raised {exc!r}"
+        ) from exc
     for part in attr_path.split("."):
         try:
             target = getattr(target, part)

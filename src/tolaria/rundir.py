@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -38,6 +39,10 @@ from tolaria.events import Callback
 
 LOCK_FILE = ".lock"
 STATUS_FILE = "status.json"
+#: What a run writes besides ``config.yaml`` (which ``--overwrite`` replaces last, atomically,
+#: so the folder never holds records without the config they came from).
+RUN_OUTPUTS = ("metrics.jsonl", "events.jsonl", STATUS_FILE, "summary.json", "curves.png",
+               "tensorboard", "checkpoints")
 #: Seconds between heartbeats inside an epoch (a dashboard calls a run stalled after a few).
 HEARTBEAT_S = 5.0
 
@@ -85,24 +90,49 @@ class RunDirectory:
 
     @classmethod
     def create(cls, path: Path, config: TolariaConfig) -> RunDirectory:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path)
-        run.take()  # before the check: two `train --run-dir D` at once, one wins
+        run = cls.claim(path)  # before the check: two `train --run-dir D` at once, one wins
         try:
-            cls.check_free(path)
+            cls.check_free(run.path)
             run._write("config.yaml", lambda file: write_atomic(file, config.to_yaml()))
         except BaseException:
             run.close()
             raise
         return run
 
+    @classmethod
+    def claim(cls, path: Path) -> RunDirectory:
+        """``path`` (made if missing), locked before anything in it is read or changed."""
+        path = Path(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot create the run directory ({exc.strerror})") from None
+        run = cls(path)
+        run.take()
+        return run
+
+    def replace(self, config: TolariaConfig) -> None:
+        """Start this folder over with ``config`` (``train --overwrite``): what an earlier run
+        wrote is removed, nothing else.  The caller holds the lock."""
+        try:
+            for name in RUN_OUTPUTS:
+                target = self.path / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.path}: cannot remove the previous run's {exc.filename} ({exc.strerror})"
+            ) from None
+        self._write("config.yaml", lambda file: write_atomic(file, config.to_yaml()))
+
     @staticmethod
     def check_free(path: Path) -> None:
         if (Path(path) / "config.yaml").exists():
             raise ConfigError(
-                f"{path} already holds a run; continue it with `tolaria resume {path}` "
-                "or choose another --run-dir"
+                f"{path} already holds a run; continue it with `tolaria resume {path}`, "
+                "replace it with --overwrite or choose another --run-dir"
             )
 
     @classmethod

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import numbers
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch.optim import lr_scheduler
@@ -89,11 +91,7 @@ def build_scheduler(
     """
     if config.name is None:
         return None
-    cls = getattr(lr_scheduler, config.name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Scheduler)) or cls is Scheduler:
-        raise ConfigError(
-            f"scheduler.name: {config.name!r} is not a torch.optim.lr_scheduler class"
-        )
+    cls = _scheduler_class(config.name)
     accepted = inspect.signature(cls).parameters
     objects = [
         f"{what} ({arg})"
@@ -110,10 +108,7 @@ def build_scheduler(
     kwargs = dict(config.kwargs)
     horizon = _horizon(config.interval, total_steps, steps_per_epoch)
     if horizon is not None:
-        if "total_steps" in accepted and not {"total_steps", "epochs"} & kwargs.keys():
-            kwargs["total_steps"] = horizon
-        if "T_max" in accepted and "T_max" not in kwargs:
-            kwargs["T_max"] = horizon
+        kwargs.update(dict.fromkeys(_horizon_arguments(accepted, kwargs), horizon))
     if "max_lr" in accepted and "max_lr" not in kwargs:
         kwargs["max_lr"] = optimizer.param_groups[0]["lr"]  # OneCycleLR peaks at optimizer.lr
     for arg in _PER_GROUP_LR_ARGS:
@@ -124,6 +119,31 @@ def build_scheduler(
         return cls(optimizer, **kwargs)
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"scheduler {config.name}: {exc}") from None
+
+
+def horizon_arguments(config: SchedulerConfig) -> list[str]:
+    """The arguments of the configured scheduler that the run's length fills in."""
+    if config.name is None:
+        return []
+    cls = _scheduler_class(config.name)
+    return _horizon_arguments(inspect.signature(cls).parameters, config.kwargs)
+
+
+def _scheduler_class(name: str) -> type[Scheduler]:
+    cls = getattr(lr_scheduler, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Scheduler)) or cls is Scheduler:
+        raise ConfigError(f"scheduler.name: {name!r} is not a torch.optim.lr_scheduler class")
+    return cls
+
+
+def _horizon_arguments(accepted: Mapping[str, Any], kwargs: Mapping[str, Any]) -> list[str]:
+    # OneCycleLR derives its length from ``epochs`` (with steps_per_epoch) when given that.
+    names = []
+    if "total_steps" in accepted and not {"total_steps", "epochs"} & kwargs.keys():
+        names.append("total_steps")
+    if "T_max" in accepted and "T_max" not in kwargs:
+        names.append("T_max")
+    return names
 
 
 def _horizon(interval: str, total_steps: int | None, steps_per_epoch: int | None) -> int | None:

@@ -130,12 +130,14 @@ class TolariaTrainer:
         """
         self._started = time.perf_counter()
         epochs = self.config.run.epochs
+        finished = self.current_epoch - 1  # the newest epoch whose snapshot and records are whole
         self._emit(records.RunStart, epochs=epochs, params=count_parameters(self.model),
                    device=self.device.type)
         status, error, diverged = "failed", None, False
         try:
             while self.current_epoch < epochs:
                 self.run_epoch(self.current_epoch)
+                finished = self.current_epoch - 1
             if self.store is not None and self._last_durable_epoch != self.current_epoch - 1:
                 self._save_durable(self._capture(epoch=self.current_epoch - 1))
             status = "completed"
@@ -149,6 +151,7 @@ class TolariaTrainer:
             raise
         except KeyboardInterrupt:
             status = "interrupted"
+            self._save_interrupted(finished)
             raise
         finally:
             summary = run_summary(self, status=status, error=error, diverged=diverged)
@@ -285,6 +288,18 @@ class TolariaTrainer:
         if self.store is not None and every and (epoch + 1) % every == 0:
             self._save_durable(snapshot)
 
+    def _save_interrupted(self, finished: int) -> None:
+        """A Ctrl-C keeps every finished epoch: the snapshot of ``finished``, already in
+        memory, becomes the newest durable checkpoint unless it is already.  Not that of an
+        epoch whose records are not all written (the interrupt came between its snapshot and
+        its ``epoch_end``): resuming from it would lose them, so a durable checkpoint of
+        such an epoch is superseded too."""
+        snapshot = self.snapshots.newest_before(finished + 1)
+        if self.store is None or snapshot is None or snapshot.epoch < 0:
+            return  # no run directory, or nothing trained: nothing to keep
+        if snapshot.epoch != self._last_durable_epoch:
+            self._save_durable(snapshot)
+
     def _save_durable(self, snapshot: Snapshot) -> None:
         path = self.store.save(snapshot)
         self._last_durable_epoch = snapshot.epoch
@@ -321,9 +336,15 @@ class TolariaTrainer:
         self.last_record = state["last_record"]
 
     def resume(self, on_skip=None) -> int:
-        """Continue from the newest valid durable checkpoint; returns the epoch it resumes at."""
+        """Continue from the newest valid durable checkpoint; returns the epoch it resumes at,
+        0 for a run stopped before its first checkpoint: it starts over."""
         if self.store is None:
             raise CheckpointError("resume needs a run directory")
+        if not self.store.checkpoints():
+            # Its config and seed are all such a run kept, and they make the same run again;
+            # what it recorded is dropped (a resume from epoch -1), to be written once more.
+            self._emit(records.Resume, epoch=-1, checkpoint_epoch=-1)
+            return self.current_epoch
         snapshot = self.store.load_latest(
             on_skip=on_skip, restore=lambda s: restore_snapshot(s, self.components)
         )
