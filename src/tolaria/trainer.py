@@ -38,8 +38,9 @@ from tolaria.checkpoint import (
 )
 from tolaria.components import Controller
 from tolaria.config import TolariaConfig
-from tolaria.contracts import Adaptation, AdaptationSignal, EvalMetrics, SystemStatePacket
+from tolaria.contracts import AdaptationSignal, EvalMetrics, SystemStatePacket
 from tolaria.data import DataBundle, load_data, make_loaders
+from tolaria.emitter import Emitter
 from tolaria.errors import CheckpointError, RepeatedFailureError, TolariaError
 from tolaria.events import Callbacks, Event
 from tolaria.fingerprint import RunFingerprint
@@ -96,7 +97,8 @@ class TolariaTrainer:
         # Only now, with everything above built: a mistake in any of it leaves no directory.
         self.run_dir, run_callbacks, self.store = attach_run_directory(run_dir, config)
         self.callbacks = Callbacks([*run_callbacks, *callbacks])
-        tamiyo.event_sink = self._controller_event
+        self._emit = Emitter(self, self.callbacks, lambda: self.current_epoch)
+        tamiyo.event_sink = self._emit.controller_event
         #: Snapshot components in restore order: the same run?  Weights, then the optimizer.
         self.components = {
             "fingerprint": RunFingerprint(config, self.data, self.model),
@@ -116,7 +118,6 @@ class TolariaTrainer:
         self._started = time.perf_counter()
         self._last_durable_epoch: int | None = None
         self._rollbacks_at: dict[int, int] = {}  # incident epoch -> rollbacks it caused
-        self._attempts: dict[int, int] = {}  # epoch -> times it has been started
         self.last_record: dict[str, Any] | None = None
         # The state before any training: what an incident in the first epoch rolls back to.
         self.snapshots.push(self._capture(epoch=-1))
@@ -163,7 +164,7 @@ class TolariaTrainer:
     def run_epoch(self, epoch: int) -> AdaptationSignal:
         """One pass of the design §2 lifecycle; advances ``current_epoch`` (or rolls it back)."""
         self.current_epoch = epoch
-        self._attempts[epoch] = self._attempts.get(epoch, 0) + 1
+        self._emit.start(epoch)
         self._emit(records.EpochStart, batches=len(self.train_loader))
         self.optimizer_manager.check_manifest()
         self.loaders.train_sampler.set_epoch(epoch)
@@ -178,7 +179,7 @@ class TolariaTrainer:
         self._emit(records.PacketAssembled, packet=packet)
         signal = self.tamiyo.step(packet)
         self._emit(records.SignalReceived, signal=signal)
-        self._emit_adaptations(signal.adaptations)
+        self._emit.adaptations(signal.adaptations)
         rollback = signal.emergency_rollback_required or not math.isfinite(training_loss)
         end = self._epoch_record(packet, signal, rollback)
         if rollback:
@@ -202,7 +203,7 @@ class TolariaTrainer:
         self.model.train()
         # Decided once per epoch: with no listener the loop builds no per-batch record.
         batch_listeners = self.callbacks.listens(Event.BATCH_END)
-        attempt = self._attempts[self.current_epoch]
+        attempt = self._emit.attempts[self.current_epoch]
         loss_sum = torch.zeros((), device=self.device)
         batches = 0
         for x, y in self.train_loader:
@@ -289,11 +290,9 @@ class TolariaTrainer:
             self._save_durable(snapshot)
 
     def _save_interrupted(self, finished: int) -> None:
-        """A Ctrl-C keeps every finished epoch: the snapshot of ``finished``, already in
-        memory, becomes the newest durable checkpoint unless it is already.  Not that of an
-        epoch whose records are not all written (the interrupt came between its snapshot and
-        its ``epoch_end``): resuming from it would lose them, so a durable checkpoint of
-        such an epoch is superseded too."""
+        """A Ctrl-C keeps every finished epoch: the in-memory snapshot of ``finished`` (whose
+        records are all written, unlike an epoch interrupted between its snapshot and its
+        ``epoch_end``) becomes the newest durable checkpoint."""
         snapshot = self.snapshots.newest_before(finished + 1)
         if self.store is None or snapshot is None or snapshot.epoch < 0:
             return  # no run directory, or nothing trained: nothing to keep
@@ -320,7 +319,7 @@ class TolariaTrainer:
         amends = self.tamiyo.on_rollback(snapshot.epoch)
         if amends.optimizer_rebuild_required:
             self.optimizer_manager.rebuild_optimizer()
-        self._emit_adaptations(amends.adaptations, epoch=incident_epoch)
+        self._emit.adaptations(amends.adaptations, epoch=incident_epoch)
         self.rollbacks += 1
         self._emit(records.Rollback, epoch=incident_epoch, restored_epoch=snapshot.epoch,
                    reason=reason)
@@ -369,10 +368,7 @@ class TolariaTrainer:
             "params_initial": self.params_initial,
             "wall_time_s": self.wall_time_s,
             "last_record": self.last_record,
-            # Attempts of epochs 0, 1, ...: a flat tuple of ints costs a snapshot no copy.
-            "attempts": tuple(
-                self._attempts.get(e, 0) for e in range(1 + max(self._attempts, default=-1))
-            ),
+            "attempts": self._emit.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -382,7 +378,7 @@ class TolariaTrainer:
         self.params_initial = state["params_initial"]
         self.wall_time_before = state["wall_time_s"]
         self.last_record = state["last_record"]
-        self._attempts = {epoch: n for epoch, n in enumerate(state["attempts"]) if n}
+        self._emit.load_state_dict(state["attempts"])
         self._started = time.perf_counter()
 
     def _capture(self, *, epoch: int, reuse: Snapshot | None = None) -> Snapshot:
@@ -394,7 +390,7 @@ class TolariaTrainer:
     def _epoch_record(self, packet, signal, rollback: bool) -> records.EpochEnd:
         if math.isfinite(accuracy := packet.validation_accuracy):
             self.best_val_accuracy = max(self.best_val_accuracy, accuracy)
-        end = self._record(
+        end = self._emit.record(
             records.EpochEnd,
             global_step=packet.global_step,
             train_loss=packet.training_loss,
@@ -408,20 +404,3 @@ class TolariaTrainer:
         )
         self.last_record = end.to_dict()
         return end
-
-    def _record(self, kind: type[records.EventRecord], **fields: Any) -> records.EventRecord:
-        fields.setdefault("epoch", self.current_epoch)
-        return kind(attempt=self._attempts.get(fields["epoch"], 1), **fields)
-
-    def _emit(self, kind: type[records.EventRecord], **fields: Any) -> None:
-        if self.callbacks.listens(kind.kind):  # no listener: no record to build
-            self.callbacks.emit(self, self._record(kind, **fields))
-
-    def _emit_adaptations(self, adaptations: Iterable[Adaptation], **where: Any) -> None:
-        for a in adaptations:
-            self._emit(records.AdaptationApplied, **vars(a), **where)
-
-    def _controller_event(self, kind: str, **fields: Any) -> None:
-        """Tamiyo's sink: its decisions, outcomes and incidents become event records."""
-        self.callbacks.emit(self, self._record(records.CONTROLLER_RECORDS[kind], **fields))
-
