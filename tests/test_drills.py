@@ -243,7 +243,8 @@ def record_kills(reliability, drill: str, trials: list[KillTrial], notes: list[s
 
 @pytest.mark.slow
 def test_kill_9_at_moments_spread_over_the_run(launcher, reference, tmp_path, reliability):
-    fractions = [(i + 0.5) / 8 for i in range(8)]
+    # Short of the end: runs vary by a tenth either way, and a kill after the end is no trial.
+    fractions = [0.9 * (i + 0.5) / 8 for i in range(8)]
     trials = [
         kill_and_resume(launcher, reference, tmp_path / f"run{i}", f"{f:.0%}",
                         at_fraction(reference, tmp_path / f"run{i}", f))
