@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; pin it so pip never pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint reliability bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+
+# docs/reliability.md: what the fault drills (tests/test_drills.py) measure on this machine.
+# `make test` runs the same drills and fails when the committed table no longer matches them.
+reliability: setup
+	TOLARIA_WRITE_RELIABILITY=1 $(BIN)/pytest -m drill
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.run_all

@@ -12,6 +12,9 @@ from tolaria.data import DataBundle
 # The test models are tiny: one thread is fastest, and immune to a busy machine's stalls.
 torch.set_num_threads(1)
 
+# The fault drills' shared tooling and the collector of docs/reliability.md (tests/drills.py).
+pytest_plugins = ["drills"]
+
 
 def make_blobs(n: int, features: int, classes: int, seed: int) -> TensorDataset:
     """Gaussian blobs around fixed centres (shared by every split): learnable in a few epochs."""

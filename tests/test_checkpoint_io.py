@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from drills import PlantedPickle, flip_byte, truncate
 from tolaria.checkpoint_io import (
     MANIFEST_FILE,
     STATE_FILE,
@@ -109,11 +110,11 @@ def test_write_refuses_to_overwrite(tmp_path):
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda p: _flip_byte(p / TENSORS_FILE), "SHA-256"),
-        (lambda p: _flip_byte(p / STATE_FILE), "SHA-256"),
-        (lambda p: _truncate(p / TENSORS_FILE), "truncated"),
+        (lambda p: flip_byte(p / TENSORS_FILE), "SHA-256"),
+        (lambda p: flip_byte(p / STATE_FILE), "SHA-256"),
+        (lambda p: truncate(p / TENSORS_FILE), "truncated"),
         (lambda p: (p / STATE_FILE).unlink(), "missing"),
-        (lambda p: _truncate(p / MANIFEST_FILE), "not valid JSON"),
+        (lambda p: truncate(p / MANIFEST_FILE), "not valid JSON"),
         (lambda p: (p / MANIFEST_FILE).write_text('{"format": "other"}'), "not a Tolaria"),
         (lambda p: _edit_manifest(p, lambda m: m["files"].update({STATE_FILE: "x"})),
          "malformed entry"),
@@ -142,33 +143,12 @@ def _edit_manifest(path: Path, edit) -> None:
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
-def _flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-class _Payload:
-    """Unpickling this creates the marker file: proof that loading executed code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 @pytest.mark.parametrize("target", [TENSORS_FILE, STATE_FILE, MANIFEST_FILE])
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
 def test_planted_pickle_is_refused_without_running_it(tmp_path, target, writer):
     path = _write(tmp_path)
     marker = tmp_path / "pwned"
-    payload = {"model": _Payload(marker), "weights": torch.zeros(3)}
+    payload = {"model": PlantedPickle(marker), "weights": torch.zeros(3)}
     if writer == "pickle":
         (path / target).write_bytes(pickle.dumps(payload))
     else:
@@ -183,7 +163,7 @@ def test_planted_pickle_is_refused_without_running_it(tmp_path, target, writer):
     with pytest.raises(CheckpointError, match=r"not (a )?valid"):
         read_checkpoint_dir(path)
     assert not marker.exists()
-    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is live: loading it would fire
+    pickle.loads(pickle.dumps(PlantedPickle(marker)))  # the payload is live: loading it would fire
     assert marker.exists()
 
 

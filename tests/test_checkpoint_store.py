@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from drills import tree_bytes
 from tolaria.checkpoint import (
     CheckpointStore,
     Snapshot,
@@ -75,11 +76,6 @@ def assert_snapshots_equal(a: Snapshot, b: Snapshot) -> None:
     assert a["optimizer"]["groups"] == b["optimizer"]["groups"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert a["rng"]["python"] == b["rng"]["python"]
-
-
-def tree_bytes(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------ durable store

@@ -19,31 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from drills import CLI_SETTINGS, GROWTH, metrics, tree_bytes
 from tolaria import cli
 from tolaria.build import build_trainer
 from tolaria.checkpoint import CheckpointStore
 from tolaria.contracts import SeedState
 from tolaria.events import Callback
 from tolaria.kasmina import export_structure
-
-GROWTH = [
-    "tamiyo.plateau_patience=1",
-    "tamiyo.plateau_min_delta=10",  # every epoch is a plateau: graft as soon as allowed
-    "tamiyo.min_training_epochs=1",
-    "kasmina.blend_epochs=1",
-]
-CLI_SETTINGS = [
-    "data.dataset=digits",
-    "data.batch_size=16",
-    "run.epochs=8",
-    "run.device=cpu",
-    "run.progress=false",
-    "run.tensorboard=false",
-    "checkpoint.every_epochs=2",
-    "scheduler.name=StepLR",
-    "scheduler.kwargs.step_size=3",
-    *GROWTH,
-]
 
 
 def _tolaria(*args: str | Path, cache: Path) -> subprocess.Popen:
@@ -57,10 +39,6 @@ def _tolaria(*args: str | Path, cache: Path) -> subprocess.Popen:
                             text=True)
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     cache = tmp_path / "cache"
@@ -68,16 +46,15 @@ def test_kill_9_mid_run_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     reference = _tolaria("train", "--run-dir", reference_dir, cache=cache)
     victim = _tolaria("train", "--run-dir", killed_dir, cache=cache)
 
-    metrics = killed_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     # Epochs 0-4 logged: the newest durable checkpoint is epoch 3, epoch 5 is under way.
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+    while len(metrics(killed_dir)) < 5:
         assert victim.poll() is None, victim.stdout.read()
         assert time.monotonic() < deadline, "the run never reached epoch 5"
         time.sleep(0.01)
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
-    logged = _records(killed_dir)
+    logged = metrics(killed_dir)
     assert 5 <= len(logged) < 8
     assert not (killed_dir / "summary.json").exists()
 
@@ -88,9 +65,9 @@ def test_kill_9_mid_run_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed_output
     assert "resuming" in resumed_output
 
-    expected = _records(reference_dir)
+    expected = metrics(reference_dir)
     assert len(expected) == 8
-    assert _records(killed_dir) == expected  # every epoch, bit for bit
+    assert metrics(killed_dir) == expected  # every epoch, bit for bit
     assert expected[-1]["params"] > expected[0]["params"]  # the run did grow
     summaries = [json.loads((d / "summary.json").read_text()) for d in (reference_dir, killed_dir)]
     for summary in summaries:
@@ -192,11 +169,6 @@ def test_injected_nan_rolls_back_weights_and_grown_structure_bit_exactly(
     assert [e["restored_epoch"] for e in events if e["event"] == "rollback"] == [poison_epoch - 1]
 
 
-def _tree(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def test_resume_skips_a_corrupt_newest_checkpoint_and_refuses_when_none_is_valid(
     tmp_path, capsys
 ):
@@ -204,7 +176,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_refuses_when_none_is_valid
     settings = [*CLI_SETTINGS, f"data.cache_dir={tmp_path / 'cache'}", "run.epochs=4",
                 "checkpoint.every_epochs=1", "data.batch_size=64"]
     assert cli.main(["train", "--run-dir", str(run_dir), *(f"--set={s}" for s in settings)]) == 0
-    finished = _records(run_dir)
+    finished = metrics(run_dir)
     _, newest = CheckpointStore(run_dir / "checkpoints", keep=2).checkpoints()
     tensors = newest / "tensors.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:-1000])  # a torn write or a bad disk
@@ -216,14 +188,14 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_refuses_when_none_is_valid
     assert output.count("skipping checkpoint") == 1
     assert f"{newest.name}/tensors.safetensors" in output.replace(" ", "")
     assert "truncated" in output
-    assert _records(run_dir) == finished  # epoch 3 ran again, identically
+    assert metrics(run_dir) == finished  # epoch 3 ran again, identically
 
     for checkpoint in CheckpointStore(run_dir / "checkpoints", keep=2).checkpoints():
         (checkpoint / "manifest.json").write_text("{}")
     (run_dir / "summary.json").unlink()
-    before = _tree(run_dir)
+    before = tree_bytes(run_dir)
     capsys.readouterr()
     assert cli.main(["resume", str(run_dir)]) == 1
     error = capsys.readouterr().err
     assert "none of the 2 checkpoints" in error
-    assert _tree(run_dir) == before  # nothing written, nothing overwritten
+    assert tree_bytes(run_dir) == before  # nothing written, nothing overwritten
