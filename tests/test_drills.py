@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +51,6 @@ pytestmark = pytest.mark.drill
 
 FILES = (TENSORS_FILE, STATE_FILE, MANIFEST_FILE)
 DAMAGES = {"byte flipped": flip_byte, "truncated": truncate, "deleted": delete}
-ENOSPC_PENDING = pytest.mark.xfail(
-    strict=True, reason="issue 11 #5: lands with the write mechanism"
-)
 
 
 @dataclass(frozen=True)
@@ -65,13 +62,10 @@ class Reference:
     #: Seconds from the run directory's creation to its summary: the span a kill can hit.
     window: float
 
-    def reproduced_by(self, run_dir: Path, *, lacking: Iterable[int] = ()) -> bool:
-        """``run_dir`` ended as this run did; ``lacking``: but for these epochs' lines."""
-        lacking = set(lacking)
-        expected = "".join(line for line in self.metrics.splitlines(keepends=True)
-                           if json.loads(line)["epoch"] not in lacking)
+    def reproduced_by(self, run_dir: Path) -> bool:
+        """``run_dir`` ended as this run did."""
         file = run_dir / "metrics.jsonl"
-        return (file.exists() and file.read_text() == expected
+        return (file.exists() and file.read_text() == self.metrics
                 and summary_without_clock(run_dir) == self.summary)
 
     def copy(self, destination: Path) -> Path:
@@ -149,9 +143,6 @@ class KillTrial:
     caught: bool = False  # a leftover of the watched write or prune proves the kill hit it
     resume: CliResult | None = None
     exact: bool = False
-    #: Resumed, but without the metrics line of the epoch it resumed from: the kill fell
-    #: between that epoch's checkpoint and its record (see the drill of that moment below).
-    lost_line: bool = False
     leftovers: list[str] = field(default_factory=list)
 
     @property
@@ -160,10 +151,9 @@ class KillTrial:
 
     @property
     def acceptable(self) -> bool:
-        """Resumed exactly, or exactly but for the one line a known defect loses (pinned by
-        a strict xfail drill below, so its fix cannot go unnoticed) -- or killed before the
-        first checkpoint existed, when a one-line refusal is the right answer."""
-        return (self.survived and (self.exact or self.lost_line)) or (
+        """Resumed exactly -- or killed before the first checkpoint existed, when a
+        one-line refusal would be an answer too (a resume starts such a run over)."""
+        return (self.survived and self.exact) or (
             self.checkpoints == 0 and self.resume.one_line_error
         )
 
@@ -182,9 +172,6 @@ def kill_and_resume(launcher: Launcher, reference: Reference, run_dir: Path, aim
     trial.caught = bool(watched and dot_entries(run_dir, watched))
     trial.resume = run_cli(["resume", str(run_dir)])
     trial.exact = reference.reproduced_by(run_dir)
-    trial.lost_line = not trial.exact and reference.reproduced_by(
-        run_dir, lacking=resumed_from(run_dir)
-    )
     trial.leftovers = dot_entries(run_dir)
     return trial
 
@@ -228,14 +215,9 @@ def record_kills(reliability, drill: str, trials: list[KillTrial], notes: list[s
     if refused:
         notes.append(f"{refused} killed before the first checkpoint: resume refused in one "
                      "line, there was nothing to resume")
-    lost = sum(t.lost_line for t in trials)
-    if lost:
-        notes.append(f"{lost} resumed without the metrics line of the epoch whose checkpoint "
-                     "had just been saved (the kill fell before that line was written)")
     left = sum(bool(t.leftovers) for t in trials)
     if left:
-        notes.append(f"{left} left a `.tmp-`/`.trash-` directory behind after the resume "
-                     "(no later save removed it)")
+        notes.append(f"{left} left a `.tmp-`/`.trash-` directory behind after the resume")
     reliability(drill, trials=len(trials), survived=sum(t.survived for t in trials),
                 exact=sum(t.exact for t in trials), bad_inputs="",
                 notes=f"epochs logged/checkpoints at each kill: {landed}. " + "; ".join(notes))
@@ -283,32 +265,30 @@ def test_kill_9_inside_a_checkpoint_write_or_prune(
         assert trial.acceptable, (trial, trial.resume.err)
 
 
-@pytest.mark.xfail(strict=True, reason="found by the kill drills: an epoch whose checkpoint "
-                   "was saved but whose metrics line was not yet written is never logged")
-def test_a_kill_between_a_checkpoint_and_its_record_loses_no_line(
-    reference, tmp_path, reliability
-):
-    """What a kill inside the prune that follows a save leaves, made deterministic: the
-    checkpoint of the last epoch is durable; its event and its metrics line are not."""
-    run_dir = reference.copy(tmp_path / "run")
-    last = json.loads(reference.metrics.splitlines()[-1])["epoch"]
-    kept = reference.metrics.splitlines(keepends=True)[:-1]
-    (run_dir / "metrics.jsonl").write_text("".join(kept))
-    lines = (run_dir / "events.jsonl").read_text().splitlines(keepends=True)
-    cut = next(i for i, line in enumerate(lines)
-               if json.loads(line)["event"] == "checkpoint_saved"
-               and json.loads(line)["epoch"] == last)
-    (run_dir / "events.jsonl").write_text("".join(lines[:cut]))
-    result = run_cli(["resume", str(run_dir)])
-    exact = reference.reproduced_by(run_dir)
-    reliability("kill between a checkpoint and its epoch's record (on disk)", trials=1,
-                survived=int(result.code == 0), exact=int(exact),
-                bad_inputs=f"records cut after epoch {last}'s checkpoint was saved",
-                notes="the state a kill inside a prune leaves; "
-                + ("resumed exactly" if exact else f"today the resumed run lacks epoch {last}'s "
-                   "metrics line"))
+def test_an_epochs_records_are_written_before_its_checkpoint(reference, tmp_path, reliability,
+                                                             monkeypatch):
+    """The kill drills found a kill between a checkpoint save and its epoch's metrics line
+    losing that line for good (the resume starts after it).  The trainer now writes the
+    line first; checked at the moment of every durable save of a real run."""
+    saves = []
+    real_save = CheckpointStore.save
+
+    def save(store, snapshot):
+        run_dir = store.directory.parent
+        logged = [json.loads(line)["epoch"] for line in
+                  (run_dir / "metrics.jsonl").read_text().splitlines()]
+        saves.append(snapshot.epoch in logged)
+        return real_save(store, snapshot)
+
+    monkeypatch.setattr(CheckpointStore, "save", save)
+    result = run_cli(train_args(tmp_path / "run", reference.cache))
+    reliability("epoch's records written before its checkpoint", trials=len(saves),
+                survived=sum(saves), exact=sum(saves),
+                bad_inputs="a durable save of every epoch, inspected as it starts",
+                notes="the state a kill between a save (or its prune) and the record would "
+                      "have left can no longer arise")
     assert result.code == 0, result.err
-    assert exact
+    assert saves and all(saves)
 
 
 # -- 2. damaged checkpoints ----------------------------------------------------------------
@@ -520,7 +500,6 @@ def test_a_disk_that_fills_at_a_checkpoint_stops_the_run_in_one_line(
     assert resumed.code == 0 and exact, resumed.err
 
 
-@ENOSPC_PENDING
 def test_a_disk_filled_mid_run_stops_it_in_one_line(
     launcher, reference, small_disk, reliability
 ):
@@ -574,7 +553,6 @@ def test_enospc_in_a_checkpoint_write_stops_the_run_in_one_line(
     assert resumed.code == 0 and exact, resumed.err
 
 
-@ENOSPC_PENDING
 def test_enospc_on_every_write_stops_the_run_in_one_line(reference, tmp_path, reliability):
     run_dir = tmp_path / "run"
     saved = run_dir / "checkpoints" / "ckpt-000002-epoch-2"

@@ -34,7 +34,7 @@ def test_a_callback_sees_every_event_in_lifecycle_order(tiny_config, tiny_data, 
                             callbacks=[recorder])
     trainer.train()
     seen = kinds(recorder)
-    one_epoch = [*EPOCH, Event.CHECKPOINT_SAVED, Event.EPOCH_END]
+    one_epoch = [*EPOCH, Event.EPOCH_END, Event.CHECKPOINT_SAVED]
     assert seen == [Event.RUN_START, *one_epoch, *one_epoch, Event.RUN_END]
     batches = [r for r in recorder.records if r.kind is Event.BATCH_END]
     assert len(batches) == 2 * len(trainer.train_loader)

@@ -193,8 +193,11 @@ class TolariaTrainer:
             self.optimizer_manager.end_epoch(metrics.loss)
             # Snapshot last: it must hold the rebuilt optimizer (a restore needs an entry for
             # every trainable parameter) and the stepped schedule (or a resume runs one behind).
-            self.create_checkpoint()
+            snapshot = self.create_checkpoint()
         self.callbacks.emit(self, end)
+        every = self.config.checkpoint.every_epochs
+        if not rollback and self.store is not None and every and (epoch + 1) % every == 0:
+            self._save_durable(snapshot)  # after the epoch's records: a kill loses none of them
         return signal
 
     # ------------------------------------------------------------------ loops
@@ -279,15 +282,12 @@ class TolariaTrainer:
             counterfactual=counterfactual,
         )
 
-    def create_checkpoint(self) -> None:
-        """Snapshot the system as of the end of ``current_epoch - 1`` (memory; disk every N)."""
-        epoch = self.current_epoch - 1
+    def create_checkpoint(self) -> Snapshot:
+        """Snapshot the system as of the end of ``current_epoch - 1`` into the ring."""
         # The snapshot this push evicts lends its buffers: no fresh allocation per epoch.
-        snapshot = self._capture(epoch=epoch, reuse=self.snapshots.recyclable())
+        snapshot = self._capture(epoch=self.current_epoch - 1, reuse=self.snapshots.recyclable())
         self.snapshots.push(snapshot)
-        every = self.config.checkpoint.every_epochs
-        if self.store is not None and every and (epoch + 1) % every == 0:
-            self._save_durable(snapshot)
+        return snapshot
 
     def _save_interrupted(self, finished: int) -> None:
         """A Ctrl-C keeps every finished epoch: the in-memory snapshot of ``finished`` (whose
