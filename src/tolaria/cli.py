@@ -13,7 +13,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tolaria.atomic import write_atomic
 from tolaria.config import RESUMABLE_FIELDS, changed_fields, config_for_resume, load_config
 from tolaria.errors import TolariaError
 from tolaria.rundir import RunDirectory
@@ -142,7 +141,7 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
         )
         changed = changed_fields(stored, config)
         if changed:  # only now: a refused resume leaves the config it ran with
-            write_atomic(run_dir.path / "config.yaml", config.to_yaml())
+            run_dir.write_config(config)
             console.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
         if epoch == 0:
             console.print(

@@ -93,7 +93,7 @@ class RunDirectory:
         run = cls.claim(path)  # before the check: two `train --run-dir D` at once, one wins
         try:
             cls.check_free(run.path)
-            run._write("config.yaml", lambda file: write_atomic(file, config.to_yaml()))
+            run.write_config(config)
         except BaseException:
             run.close()
             raise
@@ -125,7 +125,7 @@ class RunDirectory:
             raise ConfigError(
                 f"{self.path}: cannot remove the previous run's {exc.filename} ({exc.strerror})"
             ) from None
-        self._write("config.yaml", lambda file: write_atomic(file, config.to_yaml()))
+        self.write_config(config)
 
     @staticmethod
     def check_free(path: Path) -> None:
@@ -184,6 +184,10 @@ class RunDirectory:
             kept = [r for r in self._read(name) if r.get("epoch", last_epoch) <= last_epoch]
             text = "".join(records.encode(r) + "\n" for r in kept)
             self._write(name, lambda path, text=text: write_atomic(path, text))
+
+    def write_config(self, config: TolariaConfig) -> None:
+        text = config.to_yaml()
+        self._write("config.yaml", lambda path: write_atomic(path, text))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         text = records.encode(summary, indent=2) + "\n"
