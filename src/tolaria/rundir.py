@@ -33,6 +33,7 @@ from typing import Any
 from tolaria import records
 from tolaria.atomic import write_atomic
 from tolaria.checkpoint import CheckpointStore
+from tolaria.components import SnapshotStore
 from tolaria.config import TolariaConfig, load_config
 from tolaria.errors import CheckpointError, ConfigError, RunDirectoryInUse, RunWriteError
 from tolaria.events import Callback
@@ -309,7 +310,7 @@ class StatusWriter(Callback):
 
 def attach_run_directory(
     run_dir: RunDirectory | Path | None, config: TolariaConfig
-) -> tuple[RunDirectory | None, list, CheckpointStore | None]:
+) -> tuple[RunDirectory | None, list, SnapshotStore | None]:
     """A trainer's run directory (created, if given as a path), the callbacks that keep it
     written (files, status, TensorBoard) and its checkpoint store, cleared of what an
     interrupted write left (the directory is locked: ours alone)."""

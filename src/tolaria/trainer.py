@@ -36,7 +36,7 @@ from tolaria.checkpoint import (
     capture_snapshot,
     restore_snapshot,
 )
-from tolaria.components import Controller
+from tolaria.components import Controller, OptimizerManager
 from tolaria.config import TolariaConfig
 from tolaria.contracts import AdaptationSignal, EvalMetrics, SystemStatePacket
 from tolaria.data import DataBundle, load_data, make_loaders
@@ -87,7 +87,7 @@ class TolariaTrainer:
         self._move_batches = self.device.type != "cpu"
 
         steps = len(self.train_loader)
-        self.optimizer_manager = DynamicOptimizerManager(
+        self.optimizer_manager: OptimizerManager = DynamicOptimizerManager(
             self.model, config.optimizer, config.scheduler,
             total_steps=config.run.epochs * steps, steps_per_epoch=steps,
         )
