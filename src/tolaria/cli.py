@@ -1,5 +1,9 @@
 """The `tolaria` command: parse, build, call.  Errors print one line; the traceback only with
-`--debug`."""
+`--debug`.
+
+Nothing here imports torch at module level: a config is validated (and a typo answered) in
+a fraction of a second, before the run's heavy imports.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,16 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.table import Table
 
+from tolaria import __version__
 from tolaria.config import RESUMABLE_FIELDS, changed_fields, config_for_resume, load_config
 from tolaria.errors import TolariaError
-from tolaria.rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from tolaria.rundir import RunDirectory
 
 #: Set to 1 for ``--debug``: the traceback behind an error, for whoever debugs Tolaria.
 DEBUG_VARIABLE = "TOLARIA_DEBUG"
@@ -30,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"show the traceback behind an error (or set {DEBUG_VARIABLE}=1)",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"tolaria {__version__}",
+                        help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def overrides(command: argparse.ArgumentParser, help: str) -> None:
         command.add_argument(
@@ -53,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     resume = commands.add_parser("resume", help="continue a killed run from its last checkpoint")
-    resume.add_argument("run_dir", type=Path)
+    resume.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="the run directory a `tolaria train` wrote")
     overrides(
         resume,
         f"change a field that keeps the resume exact: {', '.join(sorted(RESUMABLE_FIELDS))} "
@@ -61,11 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     plot = commands.add_parser("plot", help="draw a run's learning curves and growth events")
-    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory to draw")
     plot.add_argument("--out", type=Path, help="image file (default: RUN_DIR/curves.png)")
 
-    show = commands.add_parser("config", help="print the resolved config as YAML")
+    show = commands.add_parser(
+        "config", help="print the resolved config as YAML, each field under its comment"
+    )
     config_options(show)
+    show.add_argument("--no-comments", action="store_true",
+                      help="plain YAML, without the fields' comments")
     return parser
 
 
@@ -74,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs
     try:
         if args.command == "config":
-            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            config = load_config(args.config, args.overrides)
+            if args.no_comments:
+                print(config.to_yaml(), end="")
+            else:
+                from tolaria.config_comments import commented_yaml
+
+                print(commented_yaml(config), end="")
             return 0
         if args.command == "train":
             return _train(args, console)
@@ -91,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    from tolaria.build import build_trainer  # heavy imports only once the config is valid
-
     config = load_config(args.config, args.overrides)
+    # Heavy imports (torch with them) only once the config is valid.
+    from tolaria.build import build_trainer
+    from tolaria.rundir import RunDirectory
+
     path = args.run_dir or RunDirectory.default_path(config)
     if args.overwrite and path.is_dir():
         # Locked first, replaced last: a run in progress is refused, and a mistake in the
@@ -119,6 +141,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer
+    from tolaria.rundir import RunDirectory
 
     run_dir, stored = RunDirectory.open_existing(args.run_dir, lock=False)
     config = config_for_resume(
@@ -196,6 +219,7 @@ def _completed(run_dir: Path, console: Console) -> bool:
 
 def _plot(args: argparse.Namespace, console: Console) -> int:
     from tolaria.plots import plot_run
+    from tolaria.rundir import RunDirectory
 
     run_dir, _ = RunDirectory.open_existing(args.run_dir, lock=False)  # only reads
     console.print(f"wrote {plot_run(run_dir, args.out)}")
@@ -211,6 +235,8 @@ def _progress(config, console: Console) -> list:
 
 
 def _print_summary(summary: dict, path: Path) -> None:
+    from rich.table import Table
+
     table = Table(title=f"Tolaria run summary ({path})")
     table.add_column("metric")
     table.add_column("value", justify="right")
