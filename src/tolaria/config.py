@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tolaria.errors import ConfigError
 
@@ -39,9 +46,13 @@ class CallbackConfig(Section):
 
 
 class RunConfig(Section):
+    #: Names the run directory (``<runs_root>/<name>-<time>``); a number is a name too.
     name: str = "mnist1d-mlp"
+    #: Seeds Python, NumPy and torch, the train/val split and every epoch's data order.
     seed: int = 0
+    #: Epochs to train (``tolaria resume --set run.epochs=N`` continues to N).
     epochs: int = Field(30, ge=1)
+    #: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: CPU threads for torch ops (0: torch's default).  Small models like the default host
     #: train fastest on one thread: extra threads only add synchronisation, and stall badly
@@ -51,22 +62,36 @@ class RunConfig(Section):
     amp: bool = False
     #: Run directories go to ``<runs_root>/<name>-<time>`` unless ``--run-dir`` is given.
     runs_root: str = "runs"
+    #: Live epoch and batch bars on the terminal (stderr).
     progress: bool = True
+    #: Scalars for ``tensorboard --logdir`` in ``<run_dir>/tensorboard``.
     tensorboard: bool = True
     #: Your callbacks, after the built-in ones: ``["module:Class", {name: ..., kwargs: ...}]``.
     callbacks: list[CallbackConfig] = Field(default_factory=list)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _number_as_name(cls, value: Any) -> Any:
+        # YAML reads `name: 123` (and `--set run.name=123`) as a number; true/false stay errors.
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        return str(value) if is_number else value
 
 
 class DataConfig(Section):
     #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once) or a
     #: ``module:function`` returning ``(train_dataset, test_dataset, num_classes)``.
     dataset: str = "mnist1d"
+    #: Samples per training batch (validation and test use the same size).
     batch_size: int = Field(64, ge=1)
     #: Fraction of the training split held out for validation; decisions use it,
     #: the test split is only ever reported.
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    #: Where generated (MNIST-1D) and downloaded (CIFAR-10) data is kept between runs.
     cache_dir: str = "~/.cache/tolaria"
+    #: DataLoader worker processes (0: load in the training process, best for in-memory data).
     num_workers: int = Field(0, ge=0)
+    #: Passed to the dataset: mnist1d's generator arguments, digits' ``test_fraction`` and
+    #: ``split_seed``, or your function's keyword arguments.
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -83,6 +108,7 @@ class OptimizerConfig(Section):
     name: str = "Adam"
     #: Gave the seedless default host its best validation accuracy (swept 1e-3..2e-2, 30 epochs).
     lr: float = Field(0.02, gt=0.0)
+    #: Passed to the optimizer class, e.g. ``{weight_decay: 1.0e-4}``.
     kwargs: dict[str, Any] = Field(default_factory=dict)
     #: Seed parameters on trial train at ``lr * seed_lr_multiplier``.  A seed on trial learns
     #: with the host's output unchanged, so nothing checks its size until it blends in: at
@@ -100,6 +126,7 @@ class SchedulerConfig(Section):
     #: from functions or other schedulers (LambdaLR, SequentialLR, ChainedScheduler).
     #: Left-out ``T_max`` (CosineAnnealingLR) and ``total_steps`` (OneCycleLR) come from the run.
     name: str | None = None
+    #: Passed to the scheduler class, e.g. ``{step_size: 10, gamma: 0.5}`` for StepLR.
     kwargs: dict[str, Any] = Field(default_factory=dict)
     #: Step the scheduler after every optimizer step or once per epoch
     #: (ReduceLROnPlateau always steps once per epoch, on the validation loss).
@@ -127,6 +154,8 @@ class KasminaConfig(Section):
     #: Each instrumented output is split into this many chunks along dim 1, one seed each;
     #: 1 keeps the whole signal in one seed.
     chunks: int = Field(1, ge=1)
+    #: Seeds measure their chunks' health (dead and saturated units, gradient norm), which
+    #: is where Tamiyo grows; off, every location looks equally healthy.
     telemetry: bool = True
     #: Telemetry samples every N-th training batch of an epoch (the first always): the
     #: epoch's statistics are estimated from those batches.  1 measures every batch, at
@@ -134,7 +163,9 @@ class KasminaConfig(Section):
     telemetry_interval: int = Field(16, ge=1)
     #: A magnitude at or above this counts as saturated in telemetry.
     saturation_threshold: float = Field(3.0, gt=0.0)
+    #: Epochs over which a seed's alpha ramps from 0 to 1 while BLENDING.
     blend_epochs: int = Field(3, ge=1)
+    #: The shape of that ramp.
     blend_schedule: Literal["linear", "cosine"] = "linear"
     #: Epochs a culled seed waits before it is DORMANT (and eligible) again.
     embargo_epochs: int = Field(3, ge=0)
@@ -147,9 +178,11 @@ class TamiyoConfig(Section):
     itself.  The blueprints, the parameter budget and ``max_delta_ratio`` were set later, for
     the default job's seed on ``flatten`` (docs/growth-sweep.md)."""
 
+    #: ``heuristic`` or your ``module:Class``, built with this section (``tolaria.tamiyo``).
     policy: str = "heuristic"
     #: Epochs without ``plateau_min_delta`` improvement in validation loss = plateau.
     plateau_patience: int = Field(1, ge=1)
+    #: Validation-loss improvement that counts as progress (see ``plateau_patience``).
     plateau_min_delta: float = Field(0.05, ge=0.0)
     #: No germination before this epoch, however flat the loss.
     min_epochs_before_growth: int = Field(0, ge=0)
@@ -158,22 +191,28 @@ class TamiyoConfig(Section):
     #: Blueprints the policy may graft, in order of preference: on the default job
     #: ``residual_mlp`` takes the seed if the conv is culled.
     blueprints: list[str] = Field(default_factory=lambda: ["signal_conv1d", "residual_mlp"])
+    #: Arguments per blueprint, e.g. ``{residual_mlp: {hidden: 16}}``.
     blueprint_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Grafted parameters allowed, as a fraction of the host's initial parameters.  On the
     #: default host (2,698) 4.0 leaves room for the conv (353) and a residual_mlp fallback
     #: (6,520).
     param_budget_fraction: float = Field(4.0, gt=0.0)
+    #: Seeds on trial (germinated to probationary) at any one time.
     max_active_seeds: int = Field(8, ge=1)
     #: Where to grow: unhealthiness = w_dead * dead_fraction + w_saturated *
     #: saturated_fraction + w_gradient * grad_norm / (largest grad_norm among candidates).
     health_weight_dead: float = Field(1.0, ge=0.0)
+    #: ``w_saturated`` of that sum.
     health_weight_saturated: float = Field(1.0, ge=0.0)
+    #: ``w_gradient`` of that sum.
     health_weight_gradient: float = Field(1.0, ge=0.0)
+    #: Epochs a seed trains in isolation (host output unchanged) before it may blend.
     min_training_epochs: int = Field(2, ge=1)
     #: A seed whose delta grew past this multiple of its layer's RMS while TRAINING (where
     #: it never reaches the loss, so nothing holds it back) is culled instead of blended.
     #: Measured on the default job: helpful grafts ~0.5, grafts that wrecked the host 3-23.
     max_delta_ratio: float = Field(2.0, gt=0.0)
+    #: Epochs a fully blended seed is on probation before it is judged.
     probation_epochs: int = Field(1, ge=1)
     #: Validation-accuracy gain (seed vs. its alpha forced to 0) needed to fossilize.
     fossilize_min_gain: float = 0.0
@@ -187,7 +226,9 @@ class TamiyoConfig(Section):
     #: Divergence: loss above ``divergence_factor`` x the best of the last
     #: ``divergence_window`` epochs, for ``divergence_epochs`` consecutive epochs.
     divergence_factor: float = Field(3.0, gt=1.0)
+    #: Consecutive epochs above that line that make a divergence.
     divergence_epochs: int = Field(1, ge=1)
+    #: Epochs whose best loss is the divergence reference.
     divergence_window: int = Field(5, ge=1)
     #: Losses below this are "fitted": the divergence reference never goes lower.
     divergence_loss_floor: float = Field(0.05, ge=0.0)
@@ -202,13 +243,21 @@ class TamiyoConfig(Section):
 
 
 class TolariaConfig(Section):
+    #: The run: its name, seed, length, device, where it is written and what watches it.
     run: RunConfig = Field(default_factory=RunConfig)
+    #: The dataset and how it is split and batched.
     data: DataConfig = Field(default_factory=DataConfig)
+    #: The host model, before any growth.
     model: ModelConfig = Field(default_factory=ModelConfig)
+    #: The optimizer, and how seeds on trial are trained.
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    #: The learning-rate schedule, kept across optimizer rebuilds.
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    #: Durable checkpoints on disk and in-memory snapshots for rollback.
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    #: Kasmina: where the seeds sit, what they measure, how grafts blend in.
     kasmina: KasminaConfig = Field(default_factory=KasminaConfig)
+    #: Tamiyo: the growth policy and its thresholds, and emergency detection.
     tamiyo: TamiyoConfig = Field(default_factory=TamiyoConfig)
 
     def to_yaml(self) -> str:
