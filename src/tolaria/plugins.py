@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,10 +26,14 @@ def is_reference(name: str) -> bool:
 
 
 def resolve_callable(reference: str, field: str) -> Callable[..., Any]:
-    """Import ``module:function`` (the function part may be dotted: ``pkg.mod:Class.make``)."""
+    """Import ``module:function`` (the function part may be dotted: ``pkg.mod:Class.make``).
+
+    Modules are found in the current directory too, as ``python -m`` would find them.
+    """
     module_name, _, attr_path = reference.partition(":")
     if not module_name or not attr_path:
         raise ConfigError(f"{field}={reference!r}: expected 'module:function'")
+    _importable_from_cwd()
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -48,6 +54,19 @@ def resolve_callable(reference: str, field: str) -> Callable[..., Any]:
     if not callable(target):
         raise ConfigError(f"{field}={reference!r}: {attr_path!r} is not callable")
     return target
+
+
+def _importable_from_cwd() -> None:
+    """Put the current directory first on ``sys.path`` unless it is there already.
+
+    The ``tolaria`` console script's ``sys.path`` starts with its own bin directory, not
+    the current one, so ``mymodels:make_model`` beside the user's config would not import;
+    first (as ``python -m``, uvicorn and gunicorn do) so the user's own module is the one
+    found.  Only when a reference is resolved: built-in names never touch ``sys.path``.
+    """
+    cwd = os.getcwd()
+    if not any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def check_kwargs(
