@@ -55,7 +55,8 @@ def test_mnist1d_shapes_classes_and_dtypes(mnist):
 def test_mnist1d_second_load_hits_the_cache(mnist_config, mnist, monkeypatch):
     cache_dir = _cache_dir(mnist_config)
     cache_files = sorted(p.name for p in cache_dir.iterdir())
-    assert len(cache_files) == 1 and cache_files[0].endswith(".npz")
+    # The arrays, and the generator's defaults remembered beside them.
+    assert [name.rsplit(".", 1)[-1] for name in cache_files] == ["json", "npz"]
 
     def must_not_generate(args):
         raise AssertionError("regenerated although the cache holds these arrays")

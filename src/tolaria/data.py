@@ -23,7 +23,7 @@ import random
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from tolaria.atomic import write_atomic
 from tolaria.config import DataConfig
 from tolaria.errors import ConfigError
 from tolaria.plugins import check_kwargs, construct, is_reference, resolve_callable
@@ -156,30 +157,38 @@ def split_train_val(dataset: Dataset, val_fraction: float, seed: int) -> tuple[D
     return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
 
 
-def make_loaders(bundle: DataBundle, config: DataConfig, seed: int) -> Loaders:
-    """Loaders for the bundle; only training is shuffled, and only by ``EpochShuffleSampler``."""
+def make_loaders(
+    bundle: DataBundle, config: DataConfig, seed: int, *, pin_memory: bool = False
+) -> Loaders:
+    """Loaders for the bundle; only training is shuffled, and only by ``EpochShuffleSampler``.
+
+    ``pin_memory`` (page-locked batches) only pays off when batches are copied to a CUDA
+    device: the trainer asks for it on CUDA runs only.
+    """
     sampler = EpochShuffleSampler(len(bundle.train), seed)  # type: ignore[arg-type]
 
     def in_order(dataset: Dataset) -> DataLoader:
-        return _loader(dataset, SequentialSampler(dataset), config, seed)  # type: ignore[arg-type]
+        order = SequentialSampler(dataset)  # type: ignore[arg-type]
+        return _loader(dataset, order, config, seed, pin_memory)
 
     return Loaders(
-        train=_loader(bundle.train, sampler, config, seed),
+        train=_loader(bundle.train, sampler, config, seed, pin_memory),
         train_sampler=sampler,
         val=in_order(bundle.val),
         test=None if bundle.test is None else in_order(bundle.test),
     )
 
 
-def _loader(dataset: Dataset, sampler: Sampler[int], config: DataConfig, seed: int) -> DataLoader:
+def _loader(
+    dataset: Dataset, sampler: Sampler[int], config: DataConfig, seed: int, pin_memory: bool
+) -> DataLoader:
     common: dict[str, Any] = {
         "num_workers": config.num_workers,
         # Worker seeds come from the loader's own generator, never the global torch RNG:
         # otherwise starting workers would shift every later random draw, and a resumed
         # run (which starts them at another epoch) would diverge from the original.
         "generator": torch.Generator().manual_seed(seed),
-        # Pinned pages only pay off when batches are copied to a GPU.
-        "pin_memory": torch.cuda.is_available(),
+        "pin_memory": pin_memory,
         "persistent_workers": config.num_workers > 0,
     }
     if isinstance(dataset, TensorDataset):
@@ -205,11 +214,28 @@ def _preserved_global_rng() -> Iterator[None]:
 
 
 def _mnist1d_args(config: DataConfig) -> dict[str, Any]:
+    return _with_options(_mnist1d_defaults(config), config, "mnist1d generator")
+
+
+def _mnist1d_defaults(config: DataConfig) -> dict[str, Any]:
+    """The generator's default arguments, remembered in ``data.cache_dir`` per mnist1d
+    version: importing mnist1d (it pulls in matplotlib and scipy) takes about a second, and
+    a run whose arrays are cached needs only these arguments, to find them."""
+    from importlib.metadata import version
+
+    memo = Path(config.cache_dir).expanduser() / f"mnist1d-{version('mnist1d')}-defaults.json"
+    with suppress(OSError, ValueError):  # not remembered yet, or unreadable
+        remembered = json.loads(memo.read_bytes())
+        if isinstance(remembered, dict):
+            return remembered
     from mnist1d.data import get_dataset_args
 
     args = get_dataset_args(as_dict=True)
     del args["url"]  # only the download path uses it; we never download
-    return _with_options(args, config, "mnist1d generator")
+    with suppress(OSError):  # only a shortcut: a cache_dir we cannot write is fine
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(memo, json.dumps(args, sort_keys=True), durable=False)
+    return args
 
 
 def _with_options(defaults: dict[str, Any], config: DataConfig, what: str) -> dict[str, Any]:
