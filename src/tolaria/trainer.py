@@ -79,7 +79,8 @@ class TolariaTrainer:
         self.model = model.to(self.device)
         self.tamiyo = tamiyo
         self.data = data if data is not None else load_data(config.data, config.run.seed)
-        self.loaders = make_loaders(self.data, config.data, config.run.seed)
+        self.loaders = make_loaders(self.data, config.data, config.run.seed,
+                                    pin_memory=self.device.type == "cuda")
         self.train_loader, self.val_loader = self.loaders.train, self.loaders.val
         self.loss_fn = nn.CrossEntropyLoss()
         self.amp = config.run.amp and self.device.type == "cuda"
