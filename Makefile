@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; pin it so pip never pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test lint reliability bench clean
+.PHONY: setup demo test lint reliability bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/tolaria train
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 test: lint
 	$(BIN)/pytest
@@ -37,6 +37,11 @@ bench: $(VENV)/.bench-installed
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev,bench]" "$(TORCH_PIN)"
 	touch $@
+
+# The CUDA paths (device placement of host and grafts, bf16 autocast, no per-batch host
+# sync, pinned memory): a few epochs on the GPU; "skipped: no CUDA" on a machine without one.
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,145 @@
+"""``make gpu-check``: Tolaria's CUDA paths, run for real where a GPU is present.
+
+Without CUDA it prints ``skipped: no CUDA`` and exits 0.  With CUDA it trains the default
+job for a few epochs on ``cuda`` under bf16 autocast, with growth forced at the first epoch
+boundary so that later epochs train a graft, and checks:
+
+1. every parameter and buffer of the grown model (host and grafts) and every optimizer
+   state tensor lives on the GPU (Adam's ``step`` counters stay on the CPU by design);
+2. the training forward ran in bfloat16;
+3. the training loop does not wait for the GPU batch by batch: under
+   ``torch.cuda.set_sync_debug_mode("warn")`` its batches may sync only for the NaN/inf
+   check, once every ``NONFINITE_CHECK_INTERVAL`` batches.  "warn", not "error": that one
+   sanctioned sync would raise; every other one is counted and its line printed;
+4. the loaders pin memory for the CUDA run and not for a CPU run on the same machine.
+
+Each check prints one line, ``ok:`` or ``FAILED:``; the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from tolaria.build import build_trainer
+from tolaria.config import RunConfig, load_config
+from tolaria.events import Callback
+from tolaria.trainer import NONFINITE_CHECK_INTERVAL, TolariaTrainer
+
+#: bf16 autocast in the config this version has (``run.precision`` supersedes ``run.amp``).
+BF16 = "run.precision=bf16" if "precision" in RunConfig.model_fields else "run.amp=true"
+#: A plateau every epoch: Tamiyo grafts at the first boundary; two more epochs train it.
+GROWN_JOB = ["run.epochs=3", "run.progress=false", "run.tensorboard=false",
+             "tamiyo.plateau_min_delta=10.0", "tamiyo.plateau_patience=1"]
+
+
+class LoopProbe(Callback):
+    """What each epoch's training loop ran on: its batches, the dtypes of the model's
+    outputs, the seeds holding a graft, tensors off the run's device, and (on CUDA) the
+    source lines of the host syncs between its batches."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []  # per epoch
+        self.dtypes: set[torch.dtype] = set()
+        self.grafts: set[str] = set()
+        self.off_device: set[str] = set()
+        self.syncs: list[str] = []
+        self._cuda = False
+        self._caught: list[warnings.WarningMessage] = []
+        self._caught_by_last_batch = 0
+
+    def on_run_start(self, trainer, record) -> None:
+        self._cuda = trainer.device.type == "cuda"
+        trainer.model.register_forward_hook(self._record_dtype)
+
+    def _record_dtype(self, module, inputs, output) -> None:
+        if module.training:
+            self.dtypes.add(output.dtype)
+
+    def on_epoch_start(self, trainer, record) -> None:
+        self.batches.append(0)
+        if self._cuda:
+            self._catching = warnings.catch_warnings(record=True)
+            self._caught = self._catching.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_batch_end(self, trainer, record) -> None:
+        self.batches[-1] += 1
+        self._caught_by_last_batch = len(self._caught)
+
+    def on_train_end(self, trainer, record) -> None:
+        if self._cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catching.__exit__(None, None, None)
+            # Up to the last batch's end: the epoch's one read of its loss comes after it.
+            self.syncs += [f"{w.filename}:{w.lineno}"
+                           for w in self._caught[: self._caught_by_last_batch]
+                           if "synchroniz" in str(w.message)]
+        # Before the epoch boundary's decisions: the structure this loop trained.
+        self.grafts |= {seed_id for seed_id, state in trainer.tamiyo.seed_states.items()
+                        if state.holds_blueprint}
+        self.off_device |= set(off_device(trainer))
+
+    def allowed_syncs(self) -> int:
+        return sum(batches // NONFINITE_CHECK_INTERVAL for batches in self.batches)
+
+
+def grown_run(device: str, *overrides: str) -> tuple[TolariaTrainer, LoopProbe]:
+    """The default job on ``device`` with a graft grown early, trained; and what it ran on."""
+    probe = LoopProbe()
+    config = load_config(None, [*GROWN_JOB, f"run.device={device}", *overrides])
+    trainer = build_trainer(config, callbacks=[probe])
+    trainer.train()
+    return trainer, probe
+
+
+def off_device(trainer: TolariaTrainer) -> list[str]:
+    """Names of the model's and the optimizer's tensors that are not on the run's device."""
+    device = trainer.device.type
+    names = [f"parameter {n}" for n, p in trainer.model.named_parameters()
+             if p.device.type != device]
+    names += [f"buffer {n}" for n, b in trainer.model.named_buffers() if b.device.type != device]
+    for index, state in enumerate(trainer.optimizer.state.values()):
+        names += [f"optimizer state {index}.{key}" for key, value in state.items()
+                  if torch.is_tensor(value) and key != "step" and value.device.type != device]
+    return names
+
+
+def check(ok: bool, what: str, failure: str) -> bool:
+    print(f"ok: {what}" if ok else f"FAILED: {what}: {failure}", flush=True)
+    return ok
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA")
+        return 0
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {BF16}", flush=True)
+    trainer, probe = grown_run("cuda", BF16)
+    cpu_trainer = build_trainer(load_config(None, [*GROWN_JOB, "run.device=cpu"]))
+    results = [
+        check(bool(probe.grafts), f"a graft trained on the GPU ({', '.join(sorted(probe.grafts))})",
+              "no seed held a blueprint while training: growth was not forced"),
+        check(not probe.off_device,
+              "host and grafts, parameters, buffers and optimizer state on cuda",
+              ", ".join(sorted(probe.off_device)[:5])),
+        check(probe.dtypes == {torch.bfloat16}, "the training forward ran in bfloat16",
+              f"its outputs were {sorted(map(str, probe.dtypes))}"),
+        check(len(probe.syncs) <= probe.allowed_syncs(),
+              f"{len(probe.syncs)} host syncs in {sum(probe.batches)} training batches (at "
+              f"most {probe.allowed_syncs()}: the NaN/inf check every "
+              f"{NONFINITE_CHECK_INTERVAL})",
+              f"synced at {', '.join(sorted(set(probe.syncs)))}"),
+        check(trainer.train_loader.pin_memory and not cpu_trainer.train_loader.pin_memory,
+              "pinned loader memory for the CUDA run only",
+              f"pin_memory cuda={trainer.train_loader.pin_memory}, "
+              f"cpu={cpu_trainer.train_loader.pin_memory}"),
+    ]
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

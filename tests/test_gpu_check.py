@@ -1,0 +1,35 @@
+"""``make gpu-check`` (scripts/gpu_check.py): it skips cleanly without CUDA, and its probes
+see what the CUDA run will be judged on (exercised here on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scripts.gpu_check import grown_run
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_without_cuda_it_says_it_skipped_and_succeeds():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU, even on a machine with one
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "skipped: no CUDA\n", "")
+
+
+def test_the_grown_run_trains_a_graft_and_its_probes_see_the_loop(tmp_path):
+    trainer, probe = grown_run("cpu", "data.kwargs.num_samples=500",
+                               f"data.cache_dir={tmp_path}")
+    batches = len(trainer.train_loader)
+    assert probe.batches == [batches] * 3
+    assert probe.grafts == {"flatten.0"}  # grafted at the first boundary, trained after it
+    assert probe.off_device == set()
+    assert probe.dtypes == {torch.float32}  # no autocast asked for
+    assert probe.syncs == [] and probe.allowed_syncs() == 3 * (batches // 32)
+    assert trainer.train_loader.pin_memory is False  # a CPU run never pins
