@@ -19,6 +19,7 @@ from benchmarks import (
     bench_growth,
     bench_kasmina_overhead,
     bench_optim_rebuild,
+    bench_startup,
     bench_trainer_overhead,
     report,
     run_all,
@@ -145,6 +146,20 @@ def test_optim_rebuild_copies_no_state(capsys):
     result = run_quick(bench_optim_rebuild, "optim_rebuild", capsys)
     assert result["state_copies"] == 0 and result["state_tensors_checked"] > 0
     assert {"no_change", "add", "remove", "torch_reload"} <= result["median_ms"].keys()
+
+
+@pytest.mark.slow
+def test_startup_times_whole_processes_that_never_import_mnist1d_warm(mnist1d_cache, capsys):
+    result = run_quick(bench_startup, "startup", capsys)
+    median = result["median_s"]
+    assert result["runs"] == 1 and set(median) == {
+        "first_batch_s", "first_batch_cpu_s", "process_s", "config_error_s"}
+    assert 0 < median["first_batch_s"] < median["process_s"]  # the batch came before the exit
+    # The warm-up run filled the cache: the timed one found its arrays without mnist1d.
+    assert "mnist1d" not in result["imported_at_first_batch"]
+    assert "torch.utils.tensorboard" not in result["imported_at_first_batch"]
+    section = "\n".join(report.section_startup(result))
+    assert "command → first training batch" in section
 
 
 def test_checkpoint_and_kasmina_overhead_results(capsys):
