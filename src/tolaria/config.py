@@ -147,7 +147,14 @@ class TamiyoConfig(Section):
     itself.  The blueprints, the parameter budget and ``max_delta_ratio`` were set later, for
     the default job's seed on ``flatten`` (docs/growth-sweep.md)."""
 
+    #: ``heuristic``, ``learned`` (the academy's network: ACADEMY.md §1) or ``module:Class``.
     policy: str = "heuristic"
+    #: The learned policy's version (``v3``); None: the academy's champion.
+    policy_version: str | None = Field(None, pattern=r"^v\d+$")
+    #: The learned policy samples from ``softmax(scores / temperature)``: exploration, and a
+    #: propensity for the replay buffer.  0: greedy (evaluation).  Scores are reward
+    #: estimates (a good graft scores ~0.1), so small values already explore.
+    temperature: float = Field(0.02, ge=0.0)
     #: Epochs without ``plateau_min_delta`` improvement in validation loss = plateau.
     plateau_patience: int = Field(1, ge=1)
     plateau_min_delta: float = Field(0.05, ge=0.0)
