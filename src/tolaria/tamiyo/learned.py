@@ -25,14 +25,11 @@ from typing import Any
 import torch
 
 from tolaria.config import TamiyoConfig
-from tolaria.contracts import Adaptation, SeedState
+from tolaria.contracts import Adaptation
 from tolaria.tamiyo.features import encode
-from tolaria.tamiyo.growth import Candidate, candidates, growth_slots
+from tolaria.tamiyo.growth import Candidate, feasible, graft, sample_action
 from tolaria.tamiyo.policy import Decision, LifecycleGates, Observation
 from tolaria.tamiyo.scorer import CandidateScorer, probabilities
-
-#: Mixes the run seed and the draw number into one generator seed (a large odd constant).
-_DRAW_STRIDE = 1_000_003
 
 
 def _warn(message: str) -> None:
@@ -71,22 +68,19 @@ class LearnedPolicy:
     # ------------------------------------------------------------------ the policy
     def decide(self, observation: Observation) -> list[Decision]:
         decisions = self.gates.decide(observation)
-        feasible = self._feasible(observation, decisions)
-        if not feasible:
+        options = feasible(observation, self.config, decisions)
+        if not options:
             return decisions
-        probs = self.action_probabilities(observation, feasible)
-        chosen = self._draw(probs)
+        probs = self.action_probabilities(observation, options)
+        if self.config.temperature <= 0:
+            chosen = int(torch.argmax(probs))
+        else:
+            chosen = sample_action(probs, self.seed, self.draws)
         if chosen == 0:
             return decisions
-        option = feasible[chosen - 1]
-        seed_id, blueprint = option.key
         evidence = {"probability": float(probs[chosen]), "wait_probability": float(probs[0])}
         reason = f"learned policy {self.version}: p={probs[chosen]:.2f} (wait {probs[0]:.2f})"
-        return [
-            *decisions,
-            Decision(seed_id, SeedState.GERMINATED, reason, blueprint, evidence),
-            Decision(seed_id, SeedState.TRAINING, "grafted", blueprint),
-        ]
+        return decisions + graft(options[chosen - 1], reason, evidence)
 
     def action_probabilities(
         self, observation: Observation, feasible: Sequence[Candidate]
@@ -96,21 +90,8 @@ class LearnedPolicy:
             scores = self.scorer(*encode(observation, feasible))
         return probabilities(scores, self.config.temperature)
 
-    def _feasible(self, observation: Observation, gates: list[Decision]) -> tuple[Candidate, ...]:
-        if not growth_slots(observation, self.config, gates):
-            return ()
-        return candidates(observation, budget=observation.param_budget_left)
-
-    def _draw(self, probs: torch.Tensor) -> int:
-        """Inverse-CDF sample with the run's ``draws``-th uniform (greedy needs none)."""
-        if self.config.temperature <= 0:
-            return int(torch.argmax(probs))
-        generator = torch.Generator().manual_seed(self.seed * _DRAW_STRIDE + self.draws)
-        u = torch.rand((), generator=generator, dtype=torch.float64)
-        return min(int(torch.searchsorted(torch.cumsum(probs, 0), u, right=True)), len(probs) - 1)
-
     def update(self, observation: Observation, applied: Sequence[Adaptation]) -> None:
-        if self._feasible(observation, self.gates.decide(observation)):
+        if feasible(observation, self.config, self.gates.decide(observation)):
             self.draws += 1
 
     def state_dict(self) -> dict[str, Any]:
