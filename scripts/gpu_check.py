@@ -1,35 +1,37 @@
 """``make gpu-check``: Tolaria's CUDA paths, run for real where a GPU is present.
 
 Without CUDA it prints ``skipped: no CUDA`` and exits 0.  With CUDA it trains the default
-job for a few epochs on ``cuda`` under bf16 autocast, with growth forced at the first epoch
-boundary so that later epochs train a graft, and checks:
+job for a few epochs on ``cuda`` under bf16 autocast (``run.precision=bf16``), with growth
+forced at the first epoch boundary so that later epochs train a graft, and checks:
 
 1. every parameter and buffer of the grown model (host and grafts) and every optimizer
    state tensor lives on the GPU (Adam's ``step`` counters stay on the CPU by design);
-2. the training forward ran in bfloat16;
+2. the training forward ran in bfloat16, while weights stayed float32;
 3. the training loop does not wait for the GPU batch by batch: under
    ``torch.cuda.set_sync_debug_mode("warn")`` its batches may sync only for the NaN/inf
    check, once every ``NONFINITE_CHECK_INTERVAL`` batches.  "warn", not "error": that one
    sanctioned sync would raise; every other one is counted and its line printed;
-4. the loaders pin memory for the CUDA run and not for a CPU run on the same machine.
+4. the loaders pin memory for the CUDA run and not for a CPU run on the same machine;
+5. ``run.precision=fp16`` trains the grown job with its gradient scaler: a float16
+   forward, float32 weights, a finite loss (its scaler's inf check syncs once per
+   optimizer step by design, so syncs are not counted there).
 
 Each check prints one line, ``ok:`` or ``FAILED:``; the exit code is 1 if any failed.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 
 import torch
 
 from tolaria.build import build_trainer
-from tolaria.config import RunConfig, load_config
+from tolaria.config import load_config
 from tolaria.events import Callback
 from tolaria.trainer import NONFINITE_CHECK_INTERVAL, TolariaTrainer
 
-#: bf16 autocast in the config this version has (``run.precision`` supersedes ``run.amp``).
-BF16 = "run.precision=bf16" if "precision" in RunConfig.model_fields else "run.amp=true"
 #: A plateau every epoch: Tamiyo grafts at the first boundary; two more epochs train it.
 GROWN_JOB = ["run.epochs=3", "run.progress=false", "run.tensorboard=false",
              "tamiyo.plateau_min_delta=10.0", "tamiyo.plateau_patience=1"]
@@ -45,6 +47,7 @@ class LoopProbe(Callback):
         self.dtypes: set[torch.dtype] = set()
         self.grafts: set[str] = set()
         self.off_device: set[str] = set()
+        self.weight_dtypes: set[torch.dtype] = set()
         self.syncs: list[str] = []
         self._cuda = False
         self._caught: list[warnings.WarningMessage] = []
@@ -82,6 +85,7 @@ class LoopProbe(Callback):
         self.grafts |= {seed_id for seed_id, state in trainer.tamiyo.seed_states.items()
                         if state.holds_blueprint}
         self.off_device |= set(off_device(trainer))
+        self.weight_dtypes |= {p.dtype for p in trainer.model.parameters()}
 
     def allowed_syncs(self) -> int:
         return sum(batches // NONFINITE_CHECK_INTERVAL for batches in self.batches)
@@ -117,8 +121,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("skipped: no CUDA")
         return 0
-    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {BF16}", flush=True)
-    trainer, probe = grown_run("cuda", BF16)
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    trainer, probe = grown_run("cuda", "run.precision=bf16")
     cpu_trainer = build_trainer(load_config(None, [*GROWN_JOB, "run.device=cpu"]))
     results = [
         check(bool(probe.grafts), f"a graft trained on the GPU ({', '.join(sorted(probe.grafts))})",
@@ -126,8 +130,10 @@ def main() -> int:
         check(not probe.off_device,
               "host and grafts, parameters, buffers and optimizer state on cuda",
               ", ".join(sorted(probe.off_device)[:5])),
-        check(probe.dtypes == {torch.bfloat16}, "the training forward ran in bfloat16",
-              f"its outputs were {sorted(map(str, probe.dtypes))}"),
+        check(probe.dtypes == {torch.bfloat16} and probe.weight_dtypes == {torch.float32},
+              "bf16: the training forward ran in bfloat16, the weights stayed float32",
+              f"outputs {sorted(map(str, probe.dtypes))}, "
+              f"weights {sorted(map(str, probe.weight_dtypes))}"),
         check(len(probe.syncs) <= probe.allowed_syncs(),
               f"{len(probe.syncs)} host syncs in {sum(probe.batches)} training batches (at "
               f"most {probe.allowed_syncs()}: the NaN/inf check every "
@@ -138,6 +144,14 @@ def main() -> int:
               f"pin_memory cuda={trainer.train_loader.pin_memory}, "
               f"cpu={cpu_trainer.train_loader.pin_memory}"),
     ]
+    fp16, fp16_probe = grown_run("cuda", "run.precision=fp16")
+    loss = fp16.last_record["train_loss"]
+    results.append(check(
+        fp16_probe.dtypes == {torch.float16} and fp16_probe.weight_dtypes == {torch.float32}
+        and fp16.stepper.grad_scaler is not None and math.isfinite(loss),
+        f"fp16 with a gradient scaler: float16 forward, float32 weights, loss {loss:.3f}",
+        f"outputs {sorted(map(str, fp16_probe.dtypes))}, weights "
+        f"{sorted(map(str, fp16_probe.weight_dtypes))}, scaler {fp16.stepper.grad_scaler}"))
     return 0 if all(results) else 1
 
 

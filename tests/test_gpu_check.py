@@ -24,12 +24,14 @@ def test_without_cuda_it_says_it_skipped_and_succeeds():
 
 
 def test_the_grown_run_trains_a_graft_and_its_probes_see_the_loop(tmp_path):
-    trainer, probe = grown_run("cpu", "data.kwargs.num_samples=500",
+    # bf16 autocast runs on the CPU too: the same path as the GPU check's, but for the device.
+    trainer, probe = grown_run("cpu", "run.precision=bf16", "data.kwargs.num_samples=500",
                                f"data.cache_dir={tmp_path}")
     batches = len(trainer.train_loader)
     assert probe.batches == [batches] * 3
     assert probe.grafts == {"flatten.0"}  # grafted at the first boundary, trained after it
     assert probe.off_device == set()
-    assert probe.dtypes == {torch.float32}  # no autocast asked for
+    assert probe.dtypes == {torch.bfloat16} and probe.weight_dtypes == {torch.float32}
     assert probe.syncs == [] and probe.allowed_syncs() == 3 * (batches // 32)
     assert trainer.train_loader.pin_memory is False  # a CPU run never pins
+    assert trainer.last_record["train_loss"] > 0
