@@ -77,6 +77,15 @@ class RunConfig(Section):
             raise PydanticCustomError("device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_amp_off(cls, value: Any) -> Any:
+        # Run directories written before run.precision carry ``amp: false``: the default,
+        # so it loads; ``amp: true`` still names its replacement (REPLACED_KEYS).
+        if isinstance(value, dict) and value.get("amp") is False:
+            return {k: v for k, v in value.items() if k != "amp"}
+        return value
+
 
 class DataConfig(Section):
     #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once) or a
