@@ -48,3 +48,9 @@ class RunMismatch(ConfigError):
 
 class RunWriteError(TolariaError):
     """A file of the run could not be written: a full disk, a read-only or vanished folder."""
+
+
+class PolicyVersionError(TolariaError):
+    """A policy version of the academy is missing, corrupt, or cannot be made champion."""
+
+    exit_code = 2

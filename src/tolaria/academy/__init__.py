@@ -1,0 +1,1 @@
+"""The academy: continuous controller learning (ACADEMY.md)."""

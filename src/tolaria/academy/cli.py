@@ -1,0 +1,142 @@
+"""``tolaria academy ...``: look at the policy versions and move the champion by hand.
+
+Import-light on purpose: ``tolaria.cli`` builds this parser for every command, so torch and
+the registry are imported only by the handlers.  One more subcommand is a parser in
+:func:`add_parser` and an entry in ``_HANDLERS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+#: Where the academy lives when ``--academy`` is not given (``academy.dir``'s default too).
+DEFAULT_ACADEMY = Path("runs/academy")
+#: Attempts ``status`` shows, newest first.
+STATUS_ATTEMPTS = 10
+
+
+def add_parser(subparsers: Any) -> None:
+    academy = subparsers.add_parser(
+        "academy", help="the learned controller's policy versions (status, promote, revert)"
+    )
+    commands = academy.add_subparsers(dest="academy_command", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--academy", type=Path, default=DEFAULT_ACADEMY,
+        help=f"the academy directory (default: {DEFAULT_ACADEMY})",
+    )
+    commands.add_parser(
+        "status", parents=[where], help="versions, the champion, replay size, recent attempts"
+    )
+    promote = commands.add_parser("promote", parents=[where], help="make a version the champion")
+    promote.add_argument("version", help="e.g. v3")
+    promote.add_argument("--reason", default="promoted by hand", help="recorded with the move")
+    revert = commands.add_parser(
+        "revert", parents=[where], help="give the champion back to the one before it"
+    )
+    revert.add_argument("--reason", default="reverted by hand", help="recorded with the move")
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    return _HANDLERS[args.academy_command](args, console)
+
+
+def _status(args: argparse.Namespace, console: Console) -> int:
+    from tolaria.academy.registry import PolicyRegistry, PolicyVersion
+    from tolaria.errors import PolicyVersionError
+
+    registry = PolicyRegistry(args.academy)
+    out = Console(soft_wrap=True)  # the report goes to stdout, warnings to stderr
+    if not args.academy.is_dir():
+        out.print(f"{args.academy}: no academy directory yet (only the built-in v0)",
+                  highlight=False)
+    try:
+        champion = registry.champion(
+            warn=lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False)
+        ).name
+        out.print(f"champion: {champion}", highlight=False)
+    except PolicyVersionError as exc:
+        champion = None
+        out.print(f"champion: none ({exc})", highlight=False)
+
+    survey = registry.survey()
+    versions = _table(f"policy versions in {registry.directory}",
+                      "version", "parent", "created", "trained on", "gates")
+    for name, found in survey:
+        marks = ["built-in"] if registry.path_of(name) == registry.builtin else []
+        marks += ["champion"] if name == champion else []
+        label = f"{name} ({', '.join(marks)})" if marks else name
+        if isinstance(found, PolicyVersion):
+            card = found.card
+            versions.add_row(
+                label, card["parent"] or "-", str(card["created"])[:16].replace("T", " "),
+                _brief(card["trained_on"]), _brief(card["gates"]),
+            )
+        else:
+            versions.add_row(label, "", "", f"does not load: {found}", "")
+    out.print(versions if survey else "no policy versions", highlight=False)
+
+    attempts = registry.attempts(STATUS_ATTEMPTS)
+    table = _table("recent attempts, newest first",
+                   "finished", "kind", "version", "from", "outcome", "detail")
+    for attempt in attempts:
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(attempt["finished"])),
+            attempt["kind"], attempt["version"], attempt["parent"] or "-", attempt["outcome"],
+            _brief(attempt["detail"]),
+        )
+    out.print(table if attempts else "no attempts recorded yet", highlight=False)
+    return 0
+
+
+def _table(title: str, *columns: str) -> Table:
+    # The short columns keep their width; the last one wraps and folds, never cuts, so a
+    # reason or the gates stay readable in an 80-column CI log.
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in columns[:-1]:
+        table.add_column(column, no_wrap=True)
+    table.add_column(columns[-1], overflow="fold", ratio=1)
+    return table
+
+
+def _promote(args: argparse.Namespace, console: Console) -> int:
+    from tolaria.academy.registry import PolicyRegistry
+
+    PolicyRegistry(args.academy).promote(args.version, reason=args.reason)
+    console.print(f"champion: {args.version} ({args.reason})", highlight=False)
+    return 0
+
+
+def _revert(args: argparse.Namespace, console: Console) -> int:
+    from tolaria.academy.registry import PolicyRegistry
+
+    target = PolicyRegistry(args.academy).revert(
+        reason=args.reason,
+        warn=lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False),
+    )
+    console.print(f"champion: {target} (reverted: {args.reason})", highlight=False)
+    return 0
+
+
+def _brief(value: Any) -> str:
+    """A card or attempt field in one short cell: text as is, a mapping as ``key=value``
+    pairs (empty ones left out), anything else as compact JSON."""
+    if isinstance(value, str):
+        return value or "-"
+    if isinstance(value, dict):
+        pairs = [f"{key}={_brief(item)}" for key, item in value.items() if item not in ("", [], {})]
+        return " ".join(pairs) or "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else json.dumps(value, separators=(",", ":"))
+
+
+_HANDLERS = {"status": _status, "promote": _promote, "revert": _revert}
