@@ -50,41 +50,74 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:
-    from tolaria.academy.registry import PolicyRegistry, PolicyVersion
-    from tolaria.errors import PolicyVersionError
+    """A report, so every part is shown as far as it reads: a broken version or replay
+    buffer is a line in it, and the exit code stays 0."""
+    from tolaria.academy.registry import PolicyRegistry
 
-    registry = PolicyRegistry(args.academy)
     out = Console(soft_wrap=True)  # the report goes to stdout, warnings to stderr
     if not args.academy.is_dir():
         out.print(f"{args.academy}: no academy directory yet (only the built-in v0)",
                   highlight=False)
+    registry = PolicyRegistry(args.academy)
+    for part in (*_versions(registry, console), *_replay(args.academy)):
+        out.print(part, highlight=False)
+    return 0
+
+
+def _versions(registry: Any, console: Console) -> list[str | Table]:
+    from tolaria.academy.registry import PolicyVersion
+    from tolaria.errors import PolicyVersionError
+
     try:
         champion = registry.champion(
             warn=lambda line: console.print(f"[yellow]warning:[/] {line}", highlight=False)
         ).name
-        out.print(f"champion: {champion}", highlight=False)
+        headline = f"champion: {champion}"
     except PolicyVersionError as exc:
-        champion = None
-        out.print(f"champion: none ({exc})", highlight=False)
-
+        champion, headline = None, f"champion: none ({exc})"
     survey = registry.survey()
-    versions = _table(f"policy versions in {registry.directory}",
-                      "version", "parent", "created", "trained on", "gates")
+    if not survey:
+        return [headline, "no policy versions"]
+    table = _table(f"policy versions in {registry.directory}",
+                   "version", "parent", "created", "trained on", "gates")
     for name, found in survey:
         marks = ["built-in"] if registry.path_of(name) == registry.builtin else []
         marks += ["champion"] if name == champion else []
         label = f"{name} ({', '.join(marks)})" if marks else name
         if isinstance(found, PolicyVersion):
             card = found.card
-            versions.add_row(
+            table.add_row(
                 label, card["parent"] or "-", str(card["created"])[:16].replace("T", " "),
                 _brief(card["trained_on"]), _brief(card["gates"]),
             )
         else:
-            versions.add_row(label, "", "", f"does not load: {found}", "")
-    out.print(versions if survey else "no policy versions", highlight=False)
+            table.add_row(label, "", "", f"does not load: {found}", "")
+    return [headline, table]
 
-    attempts = registry.attempts(STATUS_ATTEMPTS)
+
+def _replay(academy: Path) -> list[str | Table]:
+    from tolaria.academy.replay import REPLAY_FILE, ReplayBuffer
+    from tolaria.errors import ReplayError
+
+    path = academy / REPLAY_FILE
+    if not path.exists():  # status only looks: it creates no buffer
+        return [f"replay buffer: none yet ({path})"]
+    try:
+        with ReplayBuffer(path) as replay:
+            sizes, attempts = replay.size_by_task(), replay.attempts(STATUS_ATTEMPTS)
+    except ReplayError as exc:
+        return [f"replay buffer: {exc}"]
+    parts: list[str | Table] = []
+    if sizes:
+        table = _table(f"replay buffer {path}: {sum(sizes.values())} decision points",
+                       "task", "decision points")
+        for task, size in sizes.items():
+            table.add_row(task, str(size))
+        parts.append(table)
+    else:
+        parts.append(f"replay buffer {path}: no runs yet")
+    if not attempts:
+        return [*parts, "no attempts recorded yet"]
     table = _table("recent attempts, newest first",
                    "finished", "kind", "version", "from", "outcome", "detail")
     for attempt in attempts:
@@ -93,8 +126,7 @@ def _status(args: argparse.Namespace, console: Console) -> int:
             attempt["kind"], attempt["version"], attempt["parent"] or "-", attempt["outcome"],
             _brief(attempt["detail"]),
         )
-    out.print(table if attempts else "no attempts recorded yet", highlight=False)
-    return 0
+    return [*parts, table]
 
 
 def _table(title: str, *columns: str) -> Table:

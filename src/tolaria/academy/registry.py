@@ -8,8 +8,8 @@ and the ``CHAMPION`` pointer that says which one runs.
     adapter/             optional: a LoRA adapter, in the adapter library's own files
     card.json            version, parent, created, trained_on, gates, training_s, scorer, sha256
   CHAMPION               "vN\\n": the version a run uses unless it pins one (none: v0)
-  HISTORY.jsonl          every register, promote and revert, one line each
   .lock                  held (flock) by the one process changing the registry
+<academy_dir>/replay.sqlite   its attempts table: every register, promote and revert
 ```
 
 A version is written whole or not at all: into a dot-named temporary directory, every file
@@ -20,8 +20,9 @@ and a champion that does not load is not run: :meth:`PolicyRegistry.champion` fa
 the newest good version below it and says so in one line.
 
 ``CHAMPION`` moves only by :meth:`~PolicyRegistry.promote` and :meth:`~PolicyRegistry.revert`,
-each recorded with the champion it replaced; revert undoes the newest move still in effect,
-so v0 → v1 → v2, revert, revert comes back to v0, not to v1 twice.
+each recorded as an attempt in the replay buffer with the champion it replaced (its
+``parent``); revert undoes the newest move still in effect, so v0 → v1 → v2, revert, revert
+comes back to v0, not to v1 twice.
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from tolaria.academy.replay import REPLAY_FILE, ReplayBuffer
 from tolaria.atomic import fsync_dir, write_atomic
-from tolaria.errors import PolicyVersionError
+from tolaria.errors import PolicyVersionError, ReplayError
 
 POLICY_FILE = "policy.safetensors"
 CARD_FILE = "card.json"
 ADAPTER_DIR = "adapter"
 CHAMPION_FILE = "CHAMPION"
-HISTORY_FILE = "HISTORY.jsonl"
 LOCK_FILE = ".lock"
 #: The base policy: written by ``tolaria academy pretrain``, shipped inside the package.
 BUILTIN_V0 = Path(__file__).with_name("v0")
@@ -176,7 +177,6 @@ class PolicyRegistry:
         self.academy_dir = Path(academy_dir)
         self.directory = self.academy_dir / "policies"
         self.builtin = BUILTIN_V0 if builtin is None else Path(builtin)
-        self._history = _History(self.directory / HISTORY_FILE)
 
     # --- reading ---------------------------------------------------------------------
 
@@ -228,8 +228,12 @@ class PolicyRegistry:
         raise PolicyVersionError(f"{problem}; and no good policy version below it")
 
     def attempts(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """The recorded registers, promotes and reverts, newest first."""
-        return self._history.attempts(limit)
+        """The replay buffer's attempts (registers, promotes, reverts, nightly sessions...),
+        newest first; none, and nothing created, while the academy has no replay buffer."""
+        if not (self.academy_dir / REPLAY_FILE).exists():
+            return []
+        with ReplayBuffer.in_academy(self.academy_dir) as replay:
+            return replay.attempts(limit)
 
     # --- writing ---------------------------------------------------------------------
 
@@ -246,7 +250,7 @@ class PolicyRegistry:
         if card["parent"] is not None:
             version_number(card["parent"])
         started = time.time()
-        with self._writing():
+        with self._writing() as replay:
             taken = [int(p.name[1:]) for p in self.directory.iterdir() if _NAME.fullmatch(p.name)]
             name = f"v{max([0, *taken]) + 1}"
             write_version(
@@ -256,29 +260,30 @@ class PolicyRegistry:
                 | {key: value for key, value in card.items() if key not in ("version", "created")},
                 adapter=adapter,
             )
-            self._history.record_attempt(
+            _record(
+                replay, f"{self.directory / name} is written",
                 version=name, parent=card["parent"], kind="register", outcome="registered",
-                detail={"trained_on": card["trained_on"]}, started=started, finished=time.time(),
+                detail={"trained_on": card["trained_on"]}, started=started,
             )
         return self.load(name)
 
     def promote(self, name: str, *, reason: str) -> None:
         """CHAMPION := ``name``, which must load (otherwise one line saying why not)."""
         started = time.time()
-        with self._writing():
+        with self._writing() as replay:
             self.load(name)
             current, _ = self._pointer()
             if current != name:
-                self._move(name, current, "promote", {"reason": reason}, started)
+                self._move(replay, name, current, "promote", {"reason": reason}, started)
 
     def revert(self, *, reason: str, warn: Callable[[str], None] | None = None) -> str:
         """CHAMPION := the champion before the current one; returns its name.  A previous
         champion that no longer loads is passed over (``warn`` hears of it) for the one
         before it."""
         started = time.time()
-        with self._writing():
+        with self._writing() as replay:
             current, _ = self._pointer()
-            earlier = self._champions()
+            earlier = _champions(replay.attempts())
             skipped = []
             while earlier:
                 target = earlier.pop()
@@ -297,7 +302,8 @@ class PolicyRegistry:
                 )
             if skipped:
                 (warn or _warn_stderr)(f"revert passed over: {'; '.join(skipped)}")
-            self._move(target, current, "revert", {"reason": reason, "skipped": skipped}, started)
+            self._move(replay, target, current, "revert", {"reason": reason, "skipped": skipped},
+                       started)
             return target
 
     # --- internals -------------------------------------------------------------------
@@ -324,23 +330,9 @@ class PolicyRegistry:
             return None, f"{self._champion_file}: {text[:40]!r} is not a version name"
         return text, None
 
-    def _champions(self) -> list[str]:
-        """The champions on record, oldest first, each the one before the next: a promote
-        stacks its version; a revert goes back down to the version it restored."""
-        stack: list[str] = []
-        moves = [a for a in reversed(self._history.attempts()) if a.get("kind") in _MOVES]
-        for move in moves:
-            if not stack and move["parent"] is not None:
-                stack.append(move["parent"])
-            if move["kind"] == "revert":
-                while stack and stack[-1] != move["version"]:
-                    stack.pop()
-            if not stack or stack[-1] != move["version"]:
-                stack.append(move["version"])
-        return stack
-
     def _move(
-        self, name: str, previous: str | None, kind: str, detail: dict, started: float
+        self, replay: ReplayBuffer, name: str, previous: str | None, kind: str, detail: dict,
+        started: float,
     ) -> None:
         # CHAMPION first, the record after: a kill between the two leaves a champion newer
         # than the record, which revert still undoes correctly (its target is on record).
@@ -348,13 +340,16 @@ class PolicyRegistry:
             write_atomic(self._champion_file, f"{name}\n")
         except OSError as exc:
             raise PolicyVersionError(f"{self._champion_file}: cannot write ({exc})") from None
-        self._history.record_attempt(
+        _record(
+            replay, f"{self._champion_file} names {name}",
             version=name, parent=previous, kind=kind, outcome=_MOVES[kind], detail=detail,
-            started=started, finished=time.time(),
+            started=started,
         )
 
     @contextmanager
-    def _writing(self) -> Iterator[None]:
+    def _writing(self) -> Iterator[ReplayBuffer]:
+        """The registry's lock, its leftovers removed, and the replay buffer opened before
+        anything changes: a buffer that cannot be used refuses the write, not its record."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             lock = open(self.directory / LOCK_FILE, "a")  # noqa: SIM115 -- held below
@@ -368,42 +363,38 @@ class PolicyRegistry:
                         shutil.rmtree(leftover, ignore_errors=True)
                     else:
                         leftover.unlink(missing_ok=True)
-            yield
+            with ReplayBuffer.in_academy(self.academy_dir) as replay:
+                yield replay
 
 
 #: Attempt kinds that move CHAMPION, and the outcome each records.
 _MOVES = {"promote": "promoted", "revert": "reverted"}
 
 
-class _History:
-    """The registry's attempts, one JSON line each, appended and fsynced; a torn last line
-    (a kill mid-append) is ignored."""
+def _champions(attempts: list[dict[str, Any]]) -> list[str]:
+    """The champions on record (``attempts`` newest first, as the replay buffer gives them),
+    oldest first, each the one before the next: a promote stacks its version; a revert goes
+    back down to the version it restored."""
+    stack: list[str] = []
+    for move in reversed(attempts):
+        if move["kind"] not in _MOVES:
+            continue
+        if not stack and move["parent"] is not None:
+            stack.append(move["parent"])
+        if move["kind"] == "revert":
+            while stack and stack[-1] != move["version"]:
+                stack.pop()
+        if not stack or stack[-1] != move["version"]:
+            stack.append(move["version"])
+    return stack
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
 
-    def record_attempt(self, **attempt: Any) -> None:
-        line = json.dumps(attempt, separators=(",", ":")) + "\n"
-        try:
-            with open(self.path, "a", encoding="utf-8") as file:
-                file.write(line)
-                file.flush()
-                os.fsync(file.fileno())
-        except OSError as exc:
-            raise PolicyVersionError(f"{self.path}: cannot append ({exc})") from None
-
-    def attempts(self, limit: int | None = None) -> list[dict[str, Any]]:
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records[::-1][:limit]
+def _record(replay: ReplayBuffer, done: str, **attempt: Any) -> None:
+    """Record an attempt after what it did (``done``); a record that fails says both."""
+    try:
+        replay.record_attempt(**attempt, finished=time.time())
+    except ReplayError as exc:
+        raise PolicyVersionError(f"{done}, but it is not on record: {exc}") from None
 
 
 def _read(path: Path) -> bytes:
