@@ -78,20 +78,19 @@ def _versions(registry: Any, console: Console) -> list[str | Table]:
     survey = registry.survey()
     if not survey:
         return [headline, "no policy versions"]
-    table = _table(f"policy versions in {registry.directory}",
-                   "version", "parent", "created", "trained on", "gates")
+    table = _table(f"policy versions in {registry.directory} (* champion)",
+                   "version", "parent", "created", "trained on", "gates", flexible=2)
     for name, found in survey:
-        marks = ["built-in"] if registry.path_of(name) == registry.builtin else []
-        marks += ["champion"] if name == champion else []
-        label = f"{name} ({', '.join(marks)})" if marks else name
+        label = f"{name} *" if name == champion else name
+        parent = "built-in" if registry.path_of(name) == registry.builtin else "-"
         if isinstance(found, PolicyVersion):
             card = found.card
             table.add_row(
-                label, card["parent"] or "-", str(card["created"])[:16].replace("T", " "),
+                label, card["parent"] or parent, str(card["created"])[:16].replace("T", " "),
                 _brief(card["trained_on"]), _brief(card["gates"]),
             )
         else:
-            table.add_row(label, "", "", f"does not load: {found}", "")
+            table.add_row(label, parent, "", f"does not load: {found}", "")
     return [headline, table]
 
 
@@ -129,13 +128,15 @@ def _replay(academy: Path) -> list[str | Table]:
     return [*parts, table]
 
 
-def _table(title: str, *columns: str) -> Table:
-    # The short columns keep their width; the last one wraps and folds, never cuts, so a
-    # reason or the gates stay readable in an 80-column CI log.
+def _table(title: str, *columns: str, flexible: int = 1) -> Table:
+    # The short columns keep their width; the last ``flexible`` ones wrap and fold, never
+    # cut, so a reason or the gates stay readable in an 80-column CI log.
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for column in columns[:-1]:
-        table.add_column(column, no_wrap=True)
-    table.add_column(columns[-1], overflow="fold", ratio=1)
+    for index, column in enumerate(columns):
+        if index < len(columns) - flexible:
+            table.add_column(column, no_wrap=True)
+        else:
+            table.add_column(column, overflow="fold", ratio=1)
     return table
 
 

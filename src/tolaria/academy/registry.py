@@ -199,6 +199,11 @@ class PolicyRegistry:
                 found.append((name, exc))
         return found
 
+    def path_of(self, name: str) -> Path:
+        """Where version ``name`` lives (or would): v0 is the built-in unless policies/v0 exists."""
+        own = self.directory / name
+        return self.builtin if name == "v0" and not own.exists() else own
+
     def load(self, name: str) -> PolicyVersion:
         version_number(name)
         path = self.path_of(name)
@@ -311,11 +316,6 @@ class PolicyRegistry:
     @property
     def _champion_file(self) -> Path:
         return self.directory / CHAMPION_FILE
-
-    def path_of(self, name: str) -> Path:
-        """Where version ``name`` lives (or would): v0 is the built-in unless policies/v0 exists."""
-        own = self.directory / name
-        return self.builtin if name == "v0" and not own.exists() else own
 
     def _pointer(self) -> tuple[str | None, str | None]:
         """``(name CHAMPION holds, None)``, ``("v0", None)`` with no CHAMPION, or
