@@ -55,3 +55,8 @@ class ReplayError(TolariaError):
     newer schema, a full disk, a lock held past the timeout."""
 
     exit_code = 2
+
+
+class ReplaySchemaError(ReplayError):
+    """The replay buffer's file is of a newer schema, or not a replay buffer at all: this
+    Tolaria must not write it."""

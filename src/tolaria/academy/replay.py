@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tolaria import records
-from tolaria.errors import ReplayError, TolariaError
+from tolaria.errors import ReplayError, ReplaySchemaError, TolariaError
 
 REPLAY_FILE = "replay.sqlite"
 REPLAY_SCHEMA = 1
@@ -102,6 +102,7 @@ PRAGMA user_version = {REPLAY_SCHEMA};
 POINT_FIELDS = ("point_id", "epoch", "attempt", "slot", "observation", "candidates", "chosen",
                 "propensity", "policy", "policy_version")
 _POINT_ID = re.compile(r"p(\d+)")
+_WAY_OUT = "point academy.dir elsewhere (academy.replay=false records nothing)"
 
 
 class ReplayBuffer:
@@ -281,12 +282,12 @@ class ReplayBuffer:
         application = self._db.execute("PRAGMA application_id").fetchone()[0]
         tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
         if application != APPLICATION_ID and (tables or version):
-            raise ReplayError(f"{self.path}: not a Tolaria replay buffer (another program's "
-                              "database); point academy.dir elsewhere")
+            raise ReplaySchemaError(f"{self.path}: not a Tolaria replay buffer (another "
+                                    f"program's database); {_WAY_OUT}")
         if version > REPLAY_SCHEMA:
-            raise ReplayError(
+            raise ReplaySchemaError(
                 f"{self.path}: replay buffer schema {version} is newer than this Tolaria "
-                f"writes ({REPLAY_SCHEMA}); upgrade Tolaria or point academy.dir elsewhere"
+                f"writes ({REPLAY_SCHEMA}); upgrade Tolaria, or {_WAY_OUT}"
             )
         return version
 
@@ -298,9 +299,10 @@ class ReplayBuffer:
         except sqlite3.Error as exc:
             reason = str(exc)
             if isinstance(exc, sqlite3.DatabaseError) and "not a database" in reason:
-                reason = "not a Tolaria replay buffer: the file is not an SQLite database"
-            elif "locked" in reason or "busy" in reason:
-                reason += f": another process held it for more than {BUSY_TIMEOUT_S:.0f} s"
+                raise ReplaySchemaError(f"{self.path}: not a Tolaria replay buffer (not an "
+                                        f"SQLite database); {_WAY_OUT}") from None
+            if "locked" in reason or "busy" in reason:
+                reason += f": another process held it for more than {BUSY_TIMEOUT_S:g} s"
             raise ReplayError(f"{self.path}: cannot {what} ({reason})") from None
 
     @contextlib.contextmanager
