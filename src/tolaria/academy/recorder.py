@@ -87,15 +87,11 @@ class ReplayRecorder(Callback):
     def on_decision_point(self, trainer: Any, record: Any) -> None:
         fields = record.to_dict()
         point = {name: fields[name] for name in POINT_FIELDS}
-
-        def write(buffer: ReplayBuffer) -> None:
-            buffer.add_point(self.run_id, point)
-            if record.chosen == 0:  # a wait has no growth_outcome to come: it is settled now
-                wait = {"result": "wait", "epoch": record.epoch, "attempt": record.attempt}
-                buffer.add_outcome(self.run_id, record.point_id, wait,
-                                   reward(wait, trainer.params_initial))
-
-        self._write(write)
+        settled = {}
+        if record.chosen == 0:  # a wait has no growth_outcome to come: it is settled now
+            wait = {"result": "wait", "epoch": record.epoch, "attempt": record.attempt}
+            settled = {"outcome": wait, "reward": reward(wait, trainer.params_initial)}
+        self._write(lambda b: b.add_point(self.run_id, point, **settled))
 
     def on_growth_outcome(self, trainer: Any, record: Any) -> None:
         outcome = {k: v for k, v in record.to_dict().items()

@@ -191,8 +191,11 @@ class ReplayBuffer:
         return rows
 
     # -- decision points and outcomes ----------------------------------------------------
-    def add_point(self, run_id: str, point: dict) -> None:
-        """One decision point (``POINT_FIELDS``); one with the same id replaces it."""
+    def add_point(self, run_id: str, point: dict, *, outcome: dict | None = None,
+                  reward: float | None = None) -> None:
+        """One decision point (``POINT_FIELDS``); one with the same id replaces it, and its
+        outcome goes.  ``outcome`` and ``reward``, when the point is settled as it is made (a
+        wait), are written in the same transaction: a kill never keeps one without the other."""
         try:
             row = {name: point[name] for name in POINT_FIELDS}
         except KeyError as exc:
@@ -210,19 +213,14 @@ class ReplayBuffer:
                 f" {', '.join(POINT_FIELDS)}) VALUES ({', '.join('?' * (len(POINT_FIELDS) + 3))})",
                 (run_id, int(number.group(1)), time.time(), *row.values()),
             )
+            if outcome is not None:
+                self._insert_outcome(run_id, point_id, outcome, reward)
 
     def add_outcome(self, run_id: str, point_id: str, outcome: dict, reward: float) -> None:
         """The outcome of a recorded decision point (``outcome["result"]``: fossilized,
-        culled or wait); a second one replaces the first."""
-        if "result" not in outcome:
-            raise ReplayError(f"outcome of {run_id} {point_id}: field 'result' is missing")
+        culled, wait...); a second one replaces the first."""
         with self._transaction(f"add the outcome of {point_id} of {run_id}"):
-            self._db.execute(
-                "INSERT OR REPLACE INTO outcomes (run_id, point_id, epoch, result, outcome,"
-                " reward, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, point_id, outcome.get("epoch"), outcome["result"], _dump(outcome),
-                 float(reward), time.time()),
-            )
+            self._insert_outcome(run_id, point_id, outcome, reward)
 
     def points(self, *, run_id: str | None = None, task: str | None = None) -> list[dict]:
         """Decision points with their outcome (``outcome``/``reward``: None while unknown),
@@ -275,6 +273,17 @@ class ReplayBuffer:
         return rows
 
     # -- helpers -------------------------------------------------------------------------
+    def _insert_outcome(self, run_id: str, point_id: str, outcome: dict,
+                        reward: float | None) -> None:
+        if "result" not in outcome or reward is None:
+            raise ReplayError(f"outcome of {run_id} {point_id}: a result and a reward are needed")
+        self._db.execute(
+            "INSERT OR REPLACE INTO outcomes (run_id, point_id, epoch, result, outcome, reward,"
+            " time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, point_id, outcome.get("epoch"), outcome["result"], _dump(outcome),
+             float(reward), time.time()),
+        )
+
     def _check_schema(self) -> int:
         """The file's schema version (0: empty, ours to create); a ReplayError if the file
         is another program's database or of a newer schema."""
