@@ -57,7 +57,11 @@ def build_trainer(
         inject_seeds(model, config.kasmina)
     _forward_a_sample(model, data, config)
     tamiyo = TamiyoController(
-        config.tamiyo, config.kasmina, num_classes=data.num_classes, host_parameters=host_parameters
+        config.tamiyo,
+        config.kasmina,
+        num_classes=data.num_classes,
+        host_parameters=host_parameters,
+        epochs_total=config.run.epochs,
     )
     for seed in find_seeds(model):
         tamiyo.register_seed(seed)

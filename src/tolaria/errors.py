@@ -57,6 +57,11 @@ class ReplayError(TolariaError):
     exit_code = 2
 
 
+class ReplaySchemaError(ReplayError):
+    """The replay buffer's file is of a newer schema, or not a replay buffer at all: this
+    Tolaria must not write it."""
+
+
 class PolicyVersionError(TolariaError):
     """A policy version of the academy is missing, corrupt, or cannot be made champion."""
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tolaria import records
-from tolaria.errors import ReplayError, TolariaError
+from tolaria.errors import ReplayError, ReplaySchemaError, TolariaError
 
 REPLAY_FILE = "replay.sqlite"
 REPLAY_SCHEMA = 1
@@ -102,6 +102,7 @@ PRAGMA user_version = {REPLAY_SCHEMA};
 POINT_FIELDS = ("point_id", "epoch", "attempt", "slot", "observation", "candidates", "chosen",
                 "propensity", "policy", "policy_version")
 _POINT_ID = re.compile(r"p(\d+)")
+_WAY_OUT = "point academy.dir elsewhere (academy.replay=false records nothing)"
 
 
 class ReplayBuffer:
@@ -190,8 +191,11 @@ class ReplayBuffer:
         return rows
 
     # -- decision points and outcomes ----------------------------------------------------
-    def add_point(self, run_id: str, point: dict) -> None:
-        """One decision point (``POINT_FIELDS``); one with the same id replaces it."""
+    def add_point(self, run_id: str, point: dict, *, outcome: dict | None = None,
+                  reward: float | None = None) -> None:
+        """One decision point (``POINT_FIELDS``); one with the same id replaces it, and its
+        outcome goes.  ``outcome`` and ``reward``, when the point is settled as it is made (a
+        wait), are written in the same transaction: a kill never keeps one without the other."""
         try:
             row = {name: point[name] for name in POINT_FIELDS}
         except KeyError as exc:
@@ -209,19 +213,14 @@ class ReplayBuffer:
                 f" {', '.join(POINT_FIELDS)}) VALUES ({', '.join('?' * (len(POINT_FIELDS) + 3))})",
                 (run_id, int(number.group(1)), time.time(), *row.values()),
             )
+            if outcome is not None:
+                self._insert_outcome(run_id, point_id, outcome, reward)
 
     def add_outcome(self, run_id: str, point_id: str, outcome: dict, reward: float) -> None:
         """The outcome of a recorded decision point (``outcome["result"]``: fossilized,
-        culled or wait); a second one replaces the first."""
-        if "result" not in outcome:
-            raise ReplayError(f"outcome of {run_id} {point_id}: field 'result' is missing")
+        culled, wait...); a second one replaces the first."""
         with self._transaction(f"add the outcome of {point_id} of {run_id}"):
-            self._db.execute(
-                "INSERT OR REPLACE INTO outcomes (run_id, point_id, epoch, result, outcome,"
-                " reward, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, point_id, outcome.get("epoch"), outcome["result"], _dump(outcome),
-                 float(reward), time.time()),
-            )
+            self._insert_outcome(run_id, point_id, outcome, reward)
 
     def points(self, *, run_id: str | None = None, task: str | None = None) -> list[dict]:
         """Decision points with their outcome (``outcome``/``reward``: None while unknown),
@@ -274,6 +273,17 @@ class ReplayBuffer:
         return rows
 
     # -- helpers -------------------------------------------------------------------------
+    def _insert_outcome(self, run_id: str, point_id: str, outcome: dict,
+                        reward: float | None) -> None:
+        if "result" not in outcome or reward is None:
+            raise ReplayError(f"outcome of {run_id} {point_id}: a result and a reward are needed")
+        self._db.execute(
+            "INSERT OR REPLACE INTO outcomes (run_id, point_id, epoch, result, outcome, reward,"
+            " time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, point_id, outcome.get("epoch"), outcome["result"], _dump(outcome),
+             float(reward), time.time()),
+        )
+
     def _check_schema(self) -> int:
         """The file's schema version (0: empty, ours to create); a ReplayError if the file
         is another program's database or of a newer schema."""
@@ -281,12 +291,12 @@ class ReplayBuffer:
         application = self._db.execute("PRAGMA application_id").fetchone()[0]
         tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
         if application != APPLICATION_ID and (tables or version):
-            raise ReplayError(f"{self.path}: not a Tolaria replay buffer (another program's "
-                              "database); point academy.dir elsewhere")
+            raise ReplaySchemaError(f"{self.path}: not a Tolaria replay buffer (another "
+                                    f"program's database); {_WAY_OUT}")
         if version > REPLAY_SCHEMA:
-            raise ReplayError(
+            raise ReplaySchemaError(
                 f"{self.path}: replay buffer schema {version} is newer than this Tolaria "
-                f"writes ({REPLAY_SCHEMA}); upgrade Tolaria or point academy.dir elsewhere"
+                f"writes ({REPLAY_SCHEMA}); upgrade Tolaria, or {_WAY_OUT}"
             )
         return version
 
@@ -298,9 +308,10 @@ class ReplayBuffer:
         except sqlite3.Error as exc:
             reason = str(exc)
             if isinstance(exc, sqlite3.DatabaseError) and "not a database" in reason:
-                reason = "not a Tolaria replay buffer: the file is not an SQLite database"
-            elif "locked" in reason or "busy" in reason:
-                reason += f": another process held it for more than {BUSY_TIMEOUT_S:.0f} s"
+                raise ReplaySchemaError(f"{self.path}: not a Tolaria replay buffer (not an "
+                                        f"SQLite database); {_WAY_OUT}") from None
+            if "locked" in reason or "busy" in reason:
+                reason += f": another process held it for more than {BUSY_TIMEOUT_S:g} s"
             raise ReplayError(f"{self.path}: cannot {what} ({reason})") from None
 
     @contextlib.contextmanager
