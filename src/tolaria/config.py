@@ -248,6 +248,15 @@ class TamiyoConfig(Section):
     outcome_horizon: int = Field(3, ge=1)
 
 
+class AcademyConfig(Section):
+    """Where the academy keeps what runs teach it (docs/academy.md)."""
+
+    #: The academy directory (replay buffer, policy versions); None: ``<run.runs_root>/academy``.
+    dir: str | None = None
+    #: Record every run with a run directory in the replay buffer (decision points, outcomes).
+    replay: bool = True
+
+
 class TolariaConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -257,6 +266,13 @@ class TolariaConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     kasmina: KasminaConfig = Field(default_factory=KasminaConfig)
     tamiyo: TamiyoConfig = Field(default_factory=TamiyoConfig)
+    academy: AcademyConfig = Field(default_factory=AcademyConfig)
+
+    def academy_dir(self) -> Path:
+        """``academy.dir``, or the default beside the runs: ``<run.runs_root>/academy``."""
+        if self.academy.dir is not None:
+            return Path(self.academy.dir)
+        return Path(self.run.runs_root) / "academy"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
