@@ -89,6 +89,15 @@ class RunConfig(Section):
             raise PydanticCustomError("device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_amp_off(cls, value: Any) -> Any:
+        # Run directories written before run.precision carry ``amp: false``: the default,
+        # so it loads; ``amp: true`` still names its replacement (REPLACED_KEYS).
+        if isinstance(value, dict) and value.get("amp") is False:
+            return {k: v for k, v in value.items() if k != "amp"}
+        return value
+
 
 class DataConfig(Section):
     #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once) or a
@@ -271,6 +280,15 @@ class TamiyoConfig(Section):
     outcome_horizon: int = Field(3, ge=1)
 
 
+class AcademyConfig(Section):
+    """Where the academy keeps what runs teach it (docs/academy.md)."""
+
+    #: The academy directory (replay buffer, policy versions); None: ``<run.runs_root>/academy``.
+    dir: str | None = None
+    #: Record every run with a run directory in the replay buffer (decision points, outcomes).
+    replay: bool = True
+
+
 class TolariaConfig(Section):
     #: The run: its name, seed, length, device, where it is written and what watches it.
     run: RunConfig = Field(default_factory=RunConfig)
@@ -288,6 +306,14 @@ class TolariaConfig(Section):
     kasmina: KasminaConfig = Field(default_factory=KasminaConfig)
     #: Tamiyo: the growth policy and its thresholds, and emergency detection.
     tamiyo: TamiyoConfig = Field(default_factory=TamiyoConfig)
+    #: The academy: where runs are recorded for the learned controller (docs/academy.md).
+    academy: AcademyConfig = Field(default_factory=AcademyConfig)
+
+    def academy_dir(self) -> Path:
+        """``academy.dir``, or the default beside the runs: ``<run.runs_root>/academy``."""
+        if self.academy.dir is not None:
+            return Path(self.academy.dir)
+        return Path(self.run.runs_root) / "academy"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

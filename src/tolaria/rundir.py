@@ -312,13 +312,22 @@ def attach_run_directory(
     run_dir: RunDirectory | Path | None, config: TolariaConfig
 ) -> tuple[RunDirectory | None, list, SnapshotStore | None]:
     """A trainer's run directory (created, if given as a path), the callbacks that keep it
-    written (files, status, TensorBoard) and its checkpoint store, cleared of what an
-    interrupted write left (the directory is locked: ours alone)."""
+    written (files, status, TensorBoard, the academy's replay buffer) and its checkpoint
+    store, cleared of what an interrupted write left (the directory is locked: ours alone)."""
     if run_dir is None:
         return None, [], None
+    callbacks: list = []
+    if config.academy.replay:
+        from tolaria.academy.recorder import ReplayRecorder  # sqlite: only for runs it records
+
+        # Opened before the run directory is made: a buffer of a newer schema refuses the run
+        # with nothing written; one that cannot be opened now leaves the run unrecorded.
+        path = run_dir.path if isinstance(run_dir, RunDirectory) else run_dir
+        recorder = ReplayRecorder.for_run(config.academy_dir(), path)
+        callbacks += [recorder] if recorder is not None else []
     if not isinstance(run_dir, RunDirectory):
         run_dir = RunDirectory.create(Path(run_dir), config)
-    callbacks: list = [RunLogger(run_dir), StatusWriter(run_dir)]
+    callbacks = [RunLogger(run_dir), StatusWriter(run_dir), *callbacks]
     if config.run.tensorboard:
         from tolaria.tensorboard import TensorBoardLogger  # light: it imports TB when used
 
