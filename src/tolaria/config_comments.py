@@ -25,7 +25,10 @@ COMMENT_MARK = "#:"
 def field_comments(section: type[BaseModel]) -> dict[str, str]:
     """``{field: comment}`` for the fields of ``section`` that have ``#:`` lines above them
     (multi-line comments keep their line breaks)."""
-    source = textwrap.dedent(inspect.getsource(section))
+    try:
+        source = textwrap.dedent(inspect.getsource(section))
+    except OSError:  # installed without its sources (bytecode only): plain YAML then
+        return {}
     lines = source.splitlines()
     (definition,) = ast.parse(source).body
     comments = {}
