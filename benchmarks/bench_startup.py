@@ -10,13 +10,15 @@ clock parent and child share:
   stretches the wall figure, much less this one;
 - ``process_s``: the whole run, spawn to exit;
 - ``config_error_s``: ``tolaria train --set optimizer.lrr=0.1``, spawn to exit: a typo
-  must be answered (exit code 2, one line) before torch is imported.
+  must be answered (exit code 2, one line) before torch is imported;
+- ``floor_s`` and ``floor_cpu_s`` (the anchor): ``python -c "import torch, torch._dynamo"``,
+  what any PyTorch training process pays before its first optimizer step (see below).
 
 One unrecorded run first fills the MNIST-1D cache (a cold cache generates the data, which
 takes longer and happens once per machine) and Python's bytecode cache: the children run
 as an ordinary install does, with ``PYTHONDONTWRITEBYTECODE`` unset (with it set, every run
 compiles Tolaria's modules again, ~0.2 s).  The two commands alternate, so drift in the
-machine's speed hits both alike; medians of ``--runs`` runs.
+machine's speed hits all three alike; medians of ``--runs`` runs.
 
 What is left is imports: torch itself, and ``torch._dynamo`` (with sympy and
 ``torch.distributed``), which ``torch.optim`` imports at the first call of any optimizer
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,6 +49,7 @@ GOAL_S = 3.0
 TRAIN = [sys.executable, "-m", "tolaria", "train"]
 PROBE = 'run.callbacks=["benchmarks.startup_probe:FirstBatchClock"]'
 TYPO = [*TRAIN, "--set", "optimizer.lrr=0.1"]
+FLOOR = [sys.executable, "-c", "import torch, torch._dynamo"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -59,12 +63,15 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def spawn(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """(start time, seconds to exit, stderr) of one child; a failed child is an error."""
+def spawn(command: list[str], env: dict[str, str], expect: int = 0) -> tuple[float, float, str]:
+    """(start time, seconds to exit, stderr) of one child, which must exit with ``expect``."""
     started = time.time()
     process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                              check=False)
-    return started, time.time() - started, process.stderr
+    seconds = time.time() - started
+    if process.returncode != expect:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{process.stderr}")
+    return started, seconds, process.stderr
 
 
 def train_once(folder: Path, index: int, extra: list[str]) -> dict[str, Any]:
@@ -81,10 +88,19 @@ def train_once(folder: Path, index: int, extra: list[str]) -> dict[str, Any]:
 
 
 def typo_once() -> float:
-    _, seconds, stderr = spawn(TYPO, child_env())
+    _, seconds, stderr = spawn(TYPO, child_env(), expect=2)
     if "optimizer.lrr: unknown key" not in stderr:
         raise RuntimeError(f"{' '.join(TYPO)} did not answer with the unknown key:\n{stderr}")
     return seconds
+
+
+def floor_once() -> tuple[float, float]:
+    """Wall and CPU seconds of a process that only imports what ``torch.optim`` needs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _, seconds, _ = spawn(FLOOR, child_env())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return seconds, cpu
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,13 +108,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         folder = Path(tmp)
         train_once(folder, -1, extra)  # warm-up: the MNIST-1D cache, the page cache
-        runs, typos = [], []
+        runs, typos, floors = [], [], []
         for index in range(args.runs):
             runs.append(train_once(folder, index, extra))
             typos.append(typo_once())
+            floors.append(floor_once())
     samples = {key: [r[key] for r in runs]
                for key in ("first_batch_s", "first_batch_cpu_s", "process_s")}
     samples["config_error_s"] = typos
+    samples["floor_s"] = [wall for wall, _ in floors]
+    samples["floor_cpu_s"] = [cpu for _, cpu in floors]
     return {
         "goal_s": GOAL_S,
         "runs": args.runs,
@@ -118,6 +137,8 @@ def report(result: dict[str, Any]) -> None:
           f"({m['first_batch_cpu_s']:.2f} s of CPU)")
     print(f"  whole process                     {m['process_s']:.2f} s")
     print(f"  config typo answered in           {m['config_error_s']:.2f} s")
+    print(f"  import torch, torch._dynamo        {m['floor_s']:.2f} s "
+          f"({m['floor_cpu_s']:.2f} s of CPU): the floor")
     print(f"  imported by the first batch: {', '.join(result['imported_at_first_batch'])}")
 
 
