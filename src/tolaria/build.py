@@ -65,7 +65,7 @@ def build_trainer(
         policy=make_policy(
             config.tamiyo,
             seed=config.run.seed,
-            academy_dir=Path(config.run.runs_root) / "academy",
+            academy_dir=config.academy_dir(),
         ),
     )
     for seed in find_seeds(model):
