@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from tolaria import records
 from tolaria.build import build_trainer
 from tolaria.cli import main
 from tolaria.errors import ConfigError
+from tolaria.events import Callback
 from tolaria.progress import RichProgress
 from tolaria.rundir import RunDirectory
 from tolaria.summary import plain_value
@@ -259,6 +261,30 @@ def test_a_resume_continues_the_same_mlflow_run(tiny_config, tiny_data, tmp_path
     assert only.data.params["run.epochs"] == "4" and only.data.tags["resumed/run.epochs"] == "5"
     steps = [m.step for m in mlflow.get_metric_history(run_id, "val_accuracy")]
     assert steps == [0, 1, 2, 3, 4]
+
+
+class RemoveStore(Callback):
+    """The MLflow store vanishes after ``epoch`` (a server gone, a disk unmounted)."""
+
+    def __init__(self, store, epoch: int) -> None:
+        self.store, self.epoch = store, epoch
+
+    def on_epoch_end(self, trainer, record) -> None:
+        if record.epoch == self.epoch:
+            shutil.rmtree(self.store)
+
+
+def test_a_store_that_fails_mid_run_costs_one_warning_not_the_run(
+    tiny_config, tiny_data, tmp_path, store, capsys
+):
+    log_to(store, tiny_config)
+    trainer = build_trainer(tiny_config, data=tiny_data, run_dir=tmp_path / "run",
+                            callbacks=[RemoveStore(store, epoch=1)])
+    assert trainer.train()["status"] == "completed"
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith("tolaria: warning: MLflow logging stopped: ")
+    assert warning.endswith("; the run goes on, and its run directory has every record")
+    assert len(jsonl(tmp_path / "run" / "metrics.jsonl")) == tiny_config.run.epochs
 
 
 def test_mlflow_missing_is_one_line_and_leaves_no_run_directory(

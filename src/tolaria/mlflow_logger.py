@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from tolaria.config import MLflowConfig
-from tolaria.errors import ConfigError
+from tolaria.errors import ConfigError, TolariaError
 from tolaria.events import Callback
 from tolaria.loggers import epoch_row
 from tolaria.summary import plain_value
@@ -52,7 +52,7 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def _one_line(exc: BaseException) -> str:
     text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return " ".join(str(text).split())
+    return " ".join(str(text).split()).rstrip(".")
 
 
 class MLflowLogger(Callback):
@@ -139,9 +139,9 @@ class MLflowLogger(Callback):
         try:
             state = json.loads(state_file.read_text())
         except ValueError:
-            return None  # a damaged file: this run goes on in a new MLflow run
-        if state.get("tracking_uri") != self.client.tracking_uri:
-            return None
+            state = None
+        if not isinstance(state, dict) or state.get("tracking_uri") != self.client.tracking_uri:
+            return None  # damaged, or another store's: this run goes on in a new MLflow run
         return state.get("run_id")
 
     def _end(self, record: Any) -> None:
@@ -163,6 +163,8 @@ class MLflowLogger(Callback):
             return
         try:
             method(*args, **kwargs)
+        except TolariaError:
+            raise  # the run directory's own write failed: that stops the run, as anywhere
         except Exception as exc:
             self._failed = True
             print(f"tolaria: warning: MLflow logging stopped: {_one_line(exc)}; the run goes "
