@@ -131,7 +131,9 @@ def test_the_live_bars_fit_the_terminal_and_cut_no_number(tiny_config, tiny_data
     tiny_config.tamiyo.plateau_patience = 1
     tiny_config.tamiyo.plateau_min_delta = 10.0  # long transition lines, from epoch 0
     screen = io.StringIO()
-    console = Console(file=screen, width=width, force_terminal=True, color_system="standard")
+    # soft_wrap as the CLI's console has it: lines are not wrapped unless the display does.
+    console = Console(file=screen, width=width, force_terminal=True, color_system="standard",
+                      soft_wrap=True)
     build_trainer(tiny_config, data=tiny_data, callbacks=[RichProgress(console)]).train()
     shown = [piece for piece in CONTROL.split(VISIBLE.sub("", screen.getvalue())) if piece]
     assert max(cell_len(piece) for piece in shown) <= width

@@ -176,8 +176,9 @@ class RichProgress(TransitionLog):
         self._batches = None
 
     def note(self, text: str, style: str | None = None) -> None:
-        # A Text, not markup: a reason or an error may hold brackets of its own.
-        self._progress.console.print(Text(text, style=style or ""))
+        # A Text, not markup: a reason or an error may hold brackets of its own.  Wrapped
+        # by rich, between words: the terminal would cut a long line anywhere, numbers too.
+        self._progress.console.print(Text(text, style=style or ""), soft_wrap=False)
 
     def on_run_start(self, trainer: Any, record: Any) -> None:
         self.clock.epochs = record.epochs
