@@ -118,7 +118,7 @@ class CampaignSize:
     epochs: int
 
 
-SIZES = {"full": CampaignSize(len(CAMPAIGN_TASKS), 3, 24), "tiny": CampaignSize(2, 1, 6)}
+SIZES = {"full": CampaignSize(len(CAMPAIGN_TASKS), 5, 24), "tiny": CampaignSize(2, 1, 6)}
 
 
 def campaign_config(task: CampaignTask, seed: int, epochs: int, root: Path) -> TolariaConfig:
