@@ -25,8 +25,9 @@ from tolaria.errors import RunMismatch
 #: Items hashed from a dataset that is not held in tensors (reading all could take minutes).
 SAMPLED_ITEMS = 64
 
-#: Config sections whose every field exact resume depends on.
-EXACT_SECTIONS = ("data", "model", "optimizer", "scheduler", "kasmina", "tamiyo")
+#: Config sections whose every field exact resume depends on (the task's loss trains, its
+#: metrics and monitor decide).
+EXACT_SECTIONS = ("data", "model", "task", "optimizer", "scheduler", "kasmina", "tamiyo")
 #: Fields of those sections that do not change a single number of the run.
 INERT_FIELDS = {"data": ("cache_dir", "num_workers")}
 
@@ -78,16 +79,9 @@ class RunFingerprint:
     state_is_private = True  # a new dict of strings on every call
 
     def __init__(self, config: TolariaConfig, data: DataBundle, model: nn.Module) -> None:
-        sections = config.model_dump(mode="json")
-        settings = {
-            f"{name}.{key}": json.dumps(value, sort_keys=True)
-            for name in EXACT_SECTIONS
-            for key, value in sections[name].items()
-            if key not in INERT_FIELDS.get(name, ())
-        }
         self.values: dict[str, str] = {
             "run.seed": str(config.run.seed),
-            **settings,
+            **_settings(config),
             "data content": "/".join(dataset_digest(d) for d in (data.train, data.val, data.test)),
             "model architecture": _architecture(model),
         }
@@ -96,6 +90,9 @@ class RunFingerprint:
         return dict(self.values)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # A checkpoint written before a field existed ran as its default: the defaults are
+        # what Tolaria did before the field was added (the task's are classification's).
+        state = {**_settings(TolariaConfig()), **state}
         changed = sorted(k for k in self.values.keys() | state.keys()
                          if state.get(k) != self.values.get(k))
         if changed:
@@ -106,6 +103,16 @@ class RunFingerprint:
                 "resuming would not reproduce it (start a new run, or resume --set only the "
                 "fields that are safe to change)"
             )
+
+
+def _settings(config: TolariaConfig) -> dict[str, str]:
+    sections = config.model_dump(mode="json")
+    return {
+        f"{name}.{key}": json.dumps(value, sort_keys=True)
+        for name in EXACT_SECTIONS
+        for key, value in sections[name].items()
+        if key not in INERT_FIELDS.get(name, ())
+    }
 
 
 def _describe(key: str, saved: str | None, live: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Live progress for long runs, as a callback: epoch and batch bars, validation accuracy,
+"""Live progress for long runs, as a callback: epoch and batch bars, the validation score,
 seed states, and a line for every seed transition and rollback as it happens."""
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ class RichProgress(Callback):
         self._progress.advance(self._batches)
 
     def on_epoch_end(self, trainer: Any, record: Any) -> None:
+        task = trainer.task  # the score is its monitor: name it, in its own units
         status = (
-            f"val acc {record.val_accuracy:.3f}  loss {record.val_loss:.3f}  "
+            f"val {task.monitor} {task.monitored(record.val_accuracy):.3f}  "
+            f"loss {record.val_loss:.3f}  "
             f"params {record.params:,}  seeds {describe_seeds(record.seed_states)}"
         )
         self._progress.update(self._epochs, completed=record.epoch + 1, status=status)

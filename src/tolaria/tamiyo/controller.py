@@ -47,7 +47,7 @@ from tolaria.contracts import (
 from tolaria.errors import BlueprintError, CheckpointError, ConfigError, RepeatedFailureError
 from tolaria.kasmina import KasminaSeed, available_blueprints, collect_telemetry, get_blueprint
 from tolaria.tamiyo.decisions import DecisionLog
-from tolaria.tamiyo.emergency import Emergency, EmergencyDetector, IncidentMemory
+from tolaria.tamiyo.emergency import ChanceLevel, Emergency, EmergencyDetector, IncidentMemory
 from tolaria.tamiyo.policy import Decision, GraftOption, Observation, Policy, SeedView, make_policy
 
 #: 2: the plateau tracker moved into the policy's own state.
@@ -75,13 +75,20 @@ class TamiyoController:
         config: TamiyoConfig,
         kasmina_config: KasminaConfig,
         *,
-        num_classes: int,
         host_parameters: int,
+        chance: ChanceLevel | None = None,
+        num_classes: int | None = None,
         event_sink: Callable[..., None] | None = None,
         policy: Policy | None = None,
     ) -> None:
-        if num_classes < 2:
-            raise ConfigError(f"TamiyoController: num_classes must be >= 2, got {num_classes}")
+        """``chance`` is what knowing nothing scores on the task (``tolaria.task`` measures
+        it); ``num_classes`` is the short form for classification with cross-entropy."""
+        if (chance is None) == (num_classes is None):
+            raise ConfigError("TamiyoController: give exactly one of chance and num_classes")
+        if num_classes is not None:
+            if num_classes < 2:
+                raise ConfigError(f"TamiyoController: num_classes must be >= 2, got {num_classes}")
+            chance = ChanceLevel.of_classes(num_classes)
         unknown = [name for name in config.blueprints if name not in available_blueprints()]
         if unknown:
             raise ConfigError(
@@ -90,7 +97,7 @@ class TamiyoController:
             )
         self.config = config
         self.kasmina_config = kasmina_config
-        self.num_classes = num_classes
+        self.chance = chance
         self.param_budget = int(config.param_budget_fraction * host_parameters)
         self.policy = policy if policy is not None else make_policy(config)
         #: ``sink(kind, **fields)`` for decisions, outcomes and incidents (the trainer's).
@@ -106,7 +113,7 @@ class TamiyoController:
     def _new_detector(self) -> EmergencyDetector:
         cfg = self.config
         return EmergencyDetector(
-            num_classes=self.num_classes,
+            chance=self.chance,
             collapse_margin=cfg.collapse_margin,
             chance_loss_factor=cfg.chance_loss_factor,
             divergence_factor=cfg.divergence_factor,
