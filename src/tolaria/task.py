@@ -265,17 +265,18 @@ class Task:
             )
         targets = _training_targets(data.train)
         blank = sample_output.detach().new_zeros((len(targets), *sample_output.shape[1:]))
+        # The one chance score known by definition per kind: the built-in metric's.
         if self.kind == "classification":
-            what, score = "the loss of a uniform guess", 1.0 / data.num_classes
+            what, known, score = "the loss of a uniform guess", "accuracy", 1.0 / data.num_classes
         else:
             targets = prepare_target(self.kind, blank, targets)
             blank = targets.mean(dim=0, keepdim=True).expand_as(targets)
-            what, score = "the loss of predicting the training targets' mean", 0.0
+            what, known, score = "the loss of predicting the training targets' mean", "r2", 0.0
         evaluation = self.evaluation(torch.device("cpu"))
         evaluation.update(blank, targets)
         loss = evaluation.result().loss
-        known = {"classification": "accuracy", "regression": "r2"}[self.kind]
-        return ChanceLevel(loss, score if self.monitor == known else None, what)
+        monitored = next((m.measure for m in self.metrics if m.label == self.monitor), None)
+        return ChanceLevel(loss, score if monitored is METRICS[self.kind][known] else None, what)
 
     # ------------------------------------------------------------------ from the config
     def _build_loss(self) -> Callable[[Tensor, Tensor], Tensor]:
