@@ -176,7 +176,8 @@ class TamiyoConfig(Section):
     #: Measured on the default job: helpful grafts ~0.5, grafts that wrecked the host 3-23.
     max_delta_ratio: float = Field(2.0, gt=0.0)
     probation_epochs: int = Field(1, ge=1)
-    #: Validation-accuracy gain (seed vs. its alpha forced to 0) needed to fossilize.
+    #: Validation-score gain (seed vs. its alpha forced to 0) needed to fossilize: accuracy
+    #: by default, the task's monitor (higher is better) in general.
     fossilize_min_gain: float = 0.0
     #: Validation-loss reduction (seed vs. its alpha forced to 0) needed to fossilize.
     fossilize_min_loss_gain: float = 1e-3

@@ -3,20 +3,8 @@
 ``TaskConfig.kind`` is ``classification`` (integer class targets; the model outputs one
 logit per class) or ``regression`` (real targets; the model outputs one value per target
 dimension, the data's ``num_classes``).  A regression target is shaped like the output and
-made floating point before the loss and the metrics see it.
-
-**Metrics** accumulate over an evaluation pass with no host sync per batch (architecture
-invariant 7):
-
-* the built-ins are functions of sums kept on the device in float64 (so R²'s
-  ``sum(y²) - sum(y)²/n`` does not cancel on targets far from 0), read in one transfer at
-  the end: ``accuracy`` (argmax over dim 1); ``mse``, ``mae``, ``rmse`` over every target
-  element; ``r2`` per target dimension, then averaged (scikit-learn's and torchmetrics'
-  default);
-* a ``module:attr`` with ``update``/``compute``/``reset`` (a torchmetrics metric class, or
-  an instance) is copied fresh for every pass, updated per batch and computed once;
-* any other callable ``(output, target) -> number`` is averaged over samples, weighted by
-  batch size: right for means such as MAE, wrong for ratios such as R² (use an object).
+made floating point before the loss and the metrics see it.  An :class:`Evaluation` is one
+pass's running loss and metrics (``tolaria.metrics``: on the device, read once at the end).
 
 **The monitor** is the one number Tamiyo's evidence (a seed's counterfactual gain, decision
 outcomes, collapse) and the run's "best" use.  ``EvalMetrics.accuracy``, and with it the
@@ -27,11 +15,8 @@ Tamiyo's plateau stays on the validation loss, which is the task's own loss.
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +27,7 @@ from tolaria.config import MetricConfig, TaskConfig
 from tolaria.contracts import EvalMetrics
 from tolaria.data import DataBundle
 from tolaria.errors import ConfigError
+from tolaria.metrics import METRICS, Metric, StatefulMetric, SumMetric, bind, user_metric
 from tolaria.plugins import check_kwargs, construct, is_reference, resolve_callable
 from tolaria.tamiyo.emergency import ChanceLevel
 
@@ -94,131 +80,6 @@ class TaskLoss:
         if isinstance(self.fn, nn.Module):
             self.fn.to(device)
         return self
-
-
-# --- metrics ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SumMetric:
-    """A metric that is a function of sums: ``sums(output, target)`` is one batch's, a flat
-    float64 tensor; ``value(totals, samples, elements)`` is the metric from the pass's
-    totals (floats) and its sample and target-element counts."""
-
-    sums: Callable[[Tensor, Tensor], Tensor]
-    value: Callable[[list[float], int, int], float]
-    higher_is_better: bool | None
-
-
-@dataclass(frozen=True)
-class StatefulMetric:
-    """A metric object with ``update``/``compute``/``reset`` (torchmetrics); ``template`` is
-    copied for every pass, so counterfactual passes never share its state."""
-
-    template: Any
-    higher_is_better: bool | None
-
-    def fresh(self, device: torch.device) -> Any:
-        metric = copy.deepcopy(self.template)
-        metric.reset()
-        return metric.to(device) if isinstance(metric, nn.Module) else metric
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One configured metric: its label, the config field that named it, how it is measured."""
-
-    label: str
-    field: str
-    measure: SumMetric | StatefulMetric
-
-
-def _errors(output: Tensor, target: Tensor) -> Tensor:
-    return output.double() - target.double()
-
-
-def _r2_sums(output: Tensor, target: Tensor) -> Tensor:
-    # Per target dimension: the residual, target and squared-target sums.
-    residual = _errors(output, target).reshape(len(output), -1)
-    target = target.double().reshape(len(target), -1)
-    return torch.cat([residual.square().sum(0), target.sum(0), target.square().sum(0)])
-
-
-def _r2(totals: list[float], samples: int, elements: int) -> float:
-    width = len(totals) // 3
-    scores = []
-    for residual, total, squares in zip(
-        totals[:width], totals[width : 2 * width], totals[2 * width :], strict=True
-    ):
-        spread = squares - total * total / samples
-        # Constant targets: all or nothing, as scikit-learn's r2_score (force_finite) says.
-        scores.append(1.0 - residual / spread if spread > 0 else float(residual == 0))
-    return sum(scores) / width
-
-
-#: Built-in metrics of each kind.
-METRICS: Mapping[str, Mapping[str, SumMetric]] = {
-    "classification": {
-        "accuracy": SumMetric(
-            lambda o, t: (o.argmax(dim=1) == t).sum(dtype=torch.float64).reshape(1),
-            lambda totals, samples, elements: totals[0] / elements,
-            higher_is_better=True,
-        ),
-    },
-    "regression": {
-        "mse": SumMetric(
-            lambda o, t: _errors(o, t).square().sum().reshape(1),
-            lambda totals, samples, elements: totals[0] / elements,
-            higher_is_better=False,
-        ),
-        "mae": SumMetric(
-            lambda o, t: _errors(o, t).abs().sum().reshape(1),
-            lambda totals, samples, elements: totals[0] / elements,
-            higher_is_better=False,
-        ),
-        "rmse": SumMetric(
-            lambda o, t: _errors(o, t).square().sum().reshape(1),
-            lambda totals, samples, elements: math.sqrt(totals[0] / elements),
-            higher_is_better=False,
-        ),
-        "r2": SumMetric(_r2_sums, _r2, higher_is_better=True),
-    },
-}
-
-
-def _sample_mean(fn: Callable[..., Any]) -> SumMetric:
-    """A per-batch function as a sample-weighted mean over the pass."""
-
-    def sums(output: Tensor, target: Tensor) -> Tensor:
-        value = torch.as_tensor(fn(output, target), dtype=torch.float64, device=output.device)
-        return (value * len(output)).reshape(1)
-
-    return SumMetric(sums, lambda totals, samples, elements: totals[0] / samples, None)
-
-
-def _is_stateful(target: Any) -> bool:
-    return all(callable(getattr(target, m, None)) for m in ("update", "compute", "reset"))
-
-
-def _user_metric(spec: MetricConfig, field: str) -> SumMetric | StatefulMetric:
-    target = resolve_callable(spec.name, f"{field}.name")
-    if spec.kwargs and _is_stateful(target) and not isinstance(target, type):
-        raise ConfigError(f"{field}.kwargs: {spec.name!r} is a metric object, built already")
-    metric = _bind(target, spec.kwargs, f"{field}.name={spec.name!r}", f"{field}.kwargs")
-    if not _is_stateful(metric):
-        return _sample_mean(metric)
-    higher = getattr(metric, "higher_is_better", None)
-    return StatefulMetric(metric, higher if isinstance(higher, bool) else None)
-
-
-def _bind(target: Callable[..., Any], kwargs: Mapping[str, Any], field: str, kwargs_field: str):
-    """A class is built with ``kwargs``; a function ``(output, target)`` gets them at every
-    call."""
-    if isinstance(target, type):
-        check_kwargs(target, kwargs, kwargs_field)
-        return construct(target, field, **kwargs)
-    check_kwargs(target, kwargs, kwargs_field, positional=2)
-    return functools.partial(target, **kwargs) if kwargs else target
 
 
 # --- the task -----------------------------------------------------------------------------
@@ -283,7 +144,7 @@ class Task:
         name, field = self.config.loss or DEFAULTS[self.kind][0], self.loss_field
         kwargs = self.config.loss_kwargs
         if is_reference(name):
-            return _bind(resolve_callable(name, "task.loss"), kwargs, field, "task.loss_kwargs")
+            return bind(resolve_callable(name, "task.loss"), kwargs, field, "task.loss_kwargs")
         builtins = LOSSES[self.kind]
         if name not in builtins:
             raise ConfigError(
@@ -302,7 +163,7 @@ class Task:
         for index, spec in enumerate(specs):
             field = f"task.metrics.{index}"
             if is_reference(spec.name):
-                measure = _user_metric(spec, field)
+                measure = user_metric(spec, field)
                 label = spec.label or spec.name.partition(":")[2].rsplit(".", 1)[-1]
             elif spec.name in builtins:
                 if spec.kwargs:
