@@ -85,7 +85,8 @@ def test_trainer_overhead_weights_match_the_hand_written_loop(mnist1d_cache, cap
     assert workload["bitwise_identical_weights"] == dict.fromkeys(
         ["tolaria", "tolaria_no_seeds", *lightning], True)
     accuracies = workload["final_val_accuracy"]
-    assert accuracies["tolaria"] == accuracies["hand_written"]
+    # The same correct count: Tolaria divides it in float64, the hand-written loop in float32.
+    assert accuracies["tolaria"] == pytest.approx(accuracies["hand_written"], rel=1e-6)
     assert ("lightning_fit_call_ms" in workload) == bool(lightning)
 
 

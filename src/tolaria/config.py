@@ -109,8 +109,9 @@ class RunConfig(Section):
 
 
 class DataConfig(Section):
-    #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once) or a
-    #: ``module:function`` returning ``(train_dataset, test_dataset, num_classes)``.
+    #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once),
+    #: ``friedman1`` (regression) or a ``module:function`` returning ``(train_dataset,
+    #: test_dataset, num_classes)`` (for regression, the number of outputs).
     dataset: str = "mnist1d"
     batch_size: int = Field(64, ge=1)
     #: Fraction of the training split held out for validation; decisions use it,
@@ -243,14 +244,16 @@ class TamiyoConfig(Section):
     #: Measured on the default job: helpful grafts ~0.5, grafts that wrecked the host 3-23.
     max_delta_ratio: float = Field(2.0, gt=0.0)
     probation_epochs: int = Field(1, ge=1)
-    #: Validation-accuracy gain (seed vs. its alpha forced to 0) needed to fossilize.
+    #: Validation-score gain (seed vs. its alpha forced to 0) needed to fossilize: accuracy
+    #: by default, the task's monitor (higher is better) in general.
     fossilize_min_gain: float = 0.0
     #: Validation-loss reduction (seed vs. its alpha forced to 0) needed to fossilize.
     fossilize_min_loss_gain: float = 1e-3
     #: Extra score subtracted from a (location, blueprint) pair each time it is culled.
     cull_penalty: float = Field(1.0, ge=0.0)
     #: Divergence from any epoch, the first included: a training or validation loss above
-    #: this multiple of the chance level ``ln(classes)`` (a uniform guess's loss).
+    #: this multiple of the chance level, the loss of an output that knows nothing (a uniform
+    #: guess, ``ln(classes)`` for cross-entropy; regression: the training targets' mean).
     chance_loss_factor: float = Field(3.0, gt=1.0)
     #: Divergence: loss above ``divergence_factor`` x the best of the last
     #: ``divergence_window`` epochs, for ``divergence_epochs`` consecutive epochs.
@@ -259,7 +262,8 @@ class TamiyoConfig(Section):
     divergence_window: int = Field(5, ge=1)
     #: Losses below this are "fitted": the divergence reference never goes lower.
     divergence_loss_floor: float = Field(0.05, ge=0.0)
-    #: Collapse: validation accuracy at or below ``1 / num_classes + collapse_margin``.
+    #: Collapse: a validation score at or below chance + this (accuracy ``1 / classes``,
+    #: R² 0; other monitors have no collapse check).
     collapse_margin: float = Field(0.02, ge=0.0)
     #: Decisions this many epochs before an incident are its suspects (never replayed).
     incident_lookback_epochs: int = Field(3, ge=0)
@@ -278,10 +282,52 @@ class AcademyConfig(Section):
     replay: bool = True
 
 
+class MetricConfig(Section):
+    """A metric: a built-in name or ``module:attr`` (``tolaria.task``), built with ``kwargs``."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: What the metric is called in packets, records and the summary (default: the built-in's
+    #: name, or the attribute of ``module:attr``, e.g. ``MeanAbsoluteError``).
+    label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_reference(cls, value: Any) -> Any:
+        # The short form: a bare name or "module:attr" string.
+        return {"name": value} if isinstance(value, str) else value
+
+
+class TaskConfig(Section):
+    """What is learned and how it is scored (``tolaria.task``, docs/tasks.md)."""
+
+    #: ``classification`` (integer class targets, one output per class) or ``regression``
+    #: (real targets, one output per target dimension: the data's ``num_classes``).
+    kind: Literal["classification", "regression"] = "classification"
+    #: Null: the kind's default (``cross_entropy``; ``mse``).  Built-ins: ``cross_entropy``;
+    #: ``mse``, ``mae`` (or ``l1``), ``huber``.  Or ``module:attr``: a function
+    #: ``(output, target) -> scalar`` or a class (``torch.nn:SmoothL1Loss``) that builds one.
+    loss: str | None = None
+    #: Passed to the loss: to a class when it is built, to a function at every call.
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Null: the kind's defaults (``[accuracy]``; ``[mse, mae, r2]``).  Built-ins: ``accuracy``;
+    #: ``mse``, ``mae``, ``rmse``, ``r2``.  Or ``module:attr``: an object or class with
+    #: ``update``/``compute``/``reset`` (torchmetrics), or a function ``(output, target) ->
+    #: number`` averaged over samples.  An entry may be ``{name, kwargs, label}``.
+    metrics: list[MetricConfig] | None = None
+    #: The score Tamiyo's evidence and the run's "best" use: a metric's label or ``loss``.
+    #: Null: ``accuracy`` (classification), ``r2`` (regression).
+    monitor: str | None = None
+    #: Is a higher monitor better?  Null: known for the built-ins, ``loss`` and metrics with a
+    #: ``higher_is_better`` attribute (torchmetrics); required for your other metrics.
+    mode: Literal["max", "min"] | None = None
+
+
 class TolariaConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -25,8 +25,9 @@ from tolaria.errors import RunMismatch
 #: Items hashed from a dataset that is not held in tensors (reading all could take minutes).
 SAMPLED_ITEMS = 64
 
-#: Config sections whose every field exact resume depends on.
-EXACT_SECTIONS = ("data", "model", "optimizer", "scheduler", "kasmina", "tamiyo")
+#: Config sections whose every field exact resume depends on (the task's loss trains, its
+#: metrics and monitor decide).
+EXACT_SECTIONS = ("data", "model", "task", "optimizer", "scheduler", "kasmina", "tamiyo")
 #: Fields of those sections that do not change a single number of the run.
 INERT_FIELDS = {"data": ("cache_dir", "num_workers")}
 
@@ -89,14 +90,11 @@ class RunFingerprint:
         return dict(self.values)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # A field the checkpoint predates (added by a later Tolaria) changes nothing while it
-        # holds its default: new fields default to the old behaviour.
-        defaults = _settings(TolariaConfig())
-        changed = sorted(
-            k for k in self.values.keys() | state.keys()
-            if state.get(k) != self.values.get(k)
-            and not (k not in state and k in defaults and defaults[k] == self.values[k])
-        )
+        # A checkpoint written before a field existed ran as its default: the defaults are
+        # what Tolaria did before the field was added (the task's are classification's).
+        state = {**_settings(TolariaConfig()), **state}
+        changed = sorted(k for k in self.values.keys() | state.keys()
+                         if state.get(k) != self.values.get(k))
         if changed:
             shown = ", ".join(_describe(k, state.get(k), self.values.get(k)) for k in changed[:4])
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""

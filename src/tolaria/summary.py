@@ -13,15 +13,26 @@ from tolaria.hosts import count_parameters
 def run_summary(
     trainer: Any, *, status: str, error: str | None = None, diverged: bool = False
 ) -> dict[str, Any]:
-    """Best/final validation, test metrics (measured now, once), growth and bookkeeping."""
+    """Best/final validation, test metrics (measured now, once), growth and bookkeeping.
+
+    Metrics appear by their labels: ``best_val_<monitor>`` (the best epoch by the task's
+    score), ``final_val_<metric>`` and ``test_<metric>`` for every configured metric --
+    ``best_val_accuracy``, ``final_val_accuracy`` and ``test_accuracy`` for the default task.
+    """
+    task = trainer.task
     last = trainer.last_record or {}
+    final = last.get("val_metrics", {})
     test = trainer.evaluate(trainer.loaders.test)[0] if trainer.loaders.test else None
+    labels = [metric.label for metric in task.metrics]
     return {
-        "best_val_accuracy": trainer.best_val_accuracy,
-        "final_val_accuracy": last.get("val_accuracy"),
+        f"best_val_{task.monitor}": task.monitored(trainer.best_val_accuracy),
+        **{f"final_val_{label}": final.get(label) for label in labels},
         "final_val_loss": last.get("val_loss"),
-        "test_accuracy": test.accuracy if test else None,
+        **{f"test_{label}": test.metrics[label] if test else None for label in labels},
         "test_loss": test.loss if test else None,
+        "task": task.kind,
+        "monitor": task.monitor,
+        "monitor_mode": task.mode,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "params_initial": trainer.params_initial,
