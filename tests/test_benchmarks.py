@@ -98,13 +98,16 @@ def test_trainer_overhead_skips_lightning_where_it_is_not_installed(monkeypatch,
 
 def test_epoch_boundary_reports_every_part(mnist1d_cache, capsys):
     result = run_quick(bench_epoch_boundary, "epoch_boundary", capsys)
-    (workload,) = result["workloads"]
-    for part in ("boundary", "boundary_without_snapshot", "packet", "tamiyo_step",
-                 "snapshot", "telemetry_flush"):
-        stats = workload["ms"][part]
-        assert stats["n"] == workload["epochs_recorded"] == 2
-        assert 0 <= stats["median"] <= stats["max"]
-    assert workload["ms"]["boundary_without_snapshot"]["max"] <= workload["ms"]["boundary"]["max"]
+    heuristic, learned = result["workloads"]  # the same job under each policy
+    assert learned["host"] == heuristic["host"] + ", learned"
+    for workload in (heuristic, learned):
+        for part in ("boundary", "boundary_without_snapshot", "packet", "tamiyo_step",
+                     "snapshot", "telemetry_flush"):
+            stats = workload["ms"][part]
+            assert stats["n"] == workload["epochs_recorded"] == 2
+            assert 0 <= stats["median"] <= stats["max"]
+        ms = workload["ms"]
+        assert ms["boundary_without_snapshot"]["max"] <= ms["boundary"]["max"]
     assert result["design_budget_ms"] == 18.0
 
 
