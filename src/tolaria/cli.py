@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the resolved config as YAML")
     config_options(show)
+
+    from tolaria.academy import cli as academy_cli  # import-light: handlers import the rest
+
+    academy_cli.add_parser(commands)
     return parser
 
 
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, console)
         if args.command == "plot":
             return _plot(args, console)
+        if args.command == "academy":
+            from tolaria.academy import cli as academy_cli
+
+            return academy_cli.run(args, console)
         return _resume(args, console)
     except TolariaError as exc:
         if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):

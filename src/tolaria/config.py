@@ -11,11 +11,20 @@ the file, never a traceback.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from tolaria.errors import ConfigError
 
@@ -43,19 +52,40 @@ class RunConfig(Section):
     name: str = "mnist1d-mlp"
     seed: int = 0
     epochs: int = Field(30, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (the N-th
+    #: visible GPU); a CUDA device this machine lacks is refused when the trainer is built.
+    device: str = "auto"
     #: CPU threads for torch ops (0: torch's default).  Small models like the default host
     #: train fastest on one thread: extra threads only add synchronisation, and stall badly
     #: on a busy machine.
     num_threads: int = Field(1, ge=0)
-    #: Mixed precision on CUDA (bfloat16 autocast); ignored on CPU.
-    amp: bool = False
+    #: Arithmetic of the forward pass (``tolaria.stepping``): ``fp32``; ``bf16``, autocast to
+    #: bfloat16 on CPU or CUDA; ``fp16``, autocast to float16 with a gradient scaler, on
+    #: CUDA only (CPU kernels are built for bfloat16).  Weights, optimizer state and
+    #: checkpoints stay float32 in every case.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: Run directories go to ``<runs_root>/<name>-<time>`` unless ``--run-dir`` is given.
     runs_root: str = "runs"
     progress: bool = True
     tensorboard: bool = True
     #: Your callbacks, after the built-in ones: ``["module:Class", {name: ..., kwargs: ...}]``.
     callbacks: list[CallbackConfig] = Field(default_factory=list)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            raise PydanticCustomError("device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_amp_off(cls, value: Any) -> Any:
+        # Run directories written before run.precision carry ``amp: false``: the default,
+        # so it loads; ``amp: true`` still names its replacement (REPLACED_KEYS).
+        if isinstance(value, dict) and value.get("amp") is False:
+            return {k: v for k, v in value.items() if k != "amp"}
+        return value
 
 
 class DataConfig(Section):
@@ -94,6 +124,16 @@ class OptimizerConfig(Section):
     #: Optimizer steps over which a new seed's learning rate ramps up from zero; a seed
     #: joining mid-ramp restarts it for the whole seed group (``tolaria.schedules``).
     seed_warmup_steps: int = Field(0, ge=0)
+    #: Batches whose gradients add up to one optimizer step: ``data.batch_size * k`` samples
+    #: per step at one batch's memory.  The LR schedule and ``global_step`` count steps, and
+    #: an epoch's last step takes the batches left over (none carry into the next epoch).
+    accumulate_batches: int = Field(1, ge=1)
+    #: Before each step, rescale the gradients so their global L2 norm is at most this
+    #: (``torch.nn.utils.clip_grad_norm_``, over every parameter trained); null: no clipping.
+    clip_grad_norm: float | None = Field(None, gt=0.0)
+    #: Before each step, clamp every gradient element into ``[-v, v]``; null: no clamping.
+    #: With both set, values are clamped first, then the norm is bounded: both limits hold.
+    clip_grad_value: float | None = Field(None, gt=0.0)
 
 
 class SchedulerConfig(Section):
@@ -148,7 +188,14 @@ class TamiyoConfig(Section):
     itself.  The blueprints, the parameter budget and ``max_delta_ratio`` were set later, for
     the default job's seed on ``flatten`` (docs/growth-sweep.md)."""
 
+    #: ``heuristic``, ``learned`` (the academy's network: ACADEMY.md §1) or ``module:Class``.
     policy: str = "heuristic"
+    #: The learned policy's version (``v3``); None: the academy's champion.
+    policy_version: str | None = Field(None, pattern=r"^v\d+$")
+    #: The learned policy samples from ``softmax(scores / temperature)``: exploration, and a
+    #: propensity for the replay buffer.  0: greedy (evaluation).  Scores are reward
+    #: estimates (a good graft scores ~0.1), so small values already explore.
+    temperature: float = Field(0.02, ge=0.0)
     #: Epochs without ``plateau_min_delta`` improvement in validation loss = plateau.
     plateau_patience: int = Field(1, ge=1)
     plateau_min_delta: float = Field(0.05, ge=0.0)
@@ -388,11 +435,19 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
+#: Keys an earlier release took, and what took their place: an old config names its fix.
+REPLACED_KEYS = {
+    "run.amp": "run.precision (amp: true was bf16 autocast on CUDA: precision: bf16)",
+}
+
+
 def _describe(exc: ValidationError, source: str) -> str:
     problems = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or "<top level>"
-        if error["type"] == "extra_forbidden":
+        if where in REPLACED_KEYS and error["type"] == "extra_forbidden":
+            problems.append(f"{where}: replaced by {REPLACED_KEYS[where]}")
+        elif error["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown key")
         else:
             problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")

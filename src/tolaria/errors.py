@@ -60,3 +60,9 @@ class ReplayError(TolariaError):
 class ReplaySchemaError(ReplayError):
     """The replay buffer's file is of a newer schema, or not a replay buffer at all: this
     Tolaria must not write it."""
+
+
+class PolicyVersionError(TolariaError):
+    """A policy version of the academy is missing, corrupt, or cannot be made champion."""
+
+    exit_code = 2

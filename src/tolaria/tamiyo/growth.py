@@ -18,8 +18,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from tolaria.config import TamiyoConfig
 from tolaria.contracts import SeedState
+
+#: Mixes the run seed and the draw number into one generator seed (a large odd constant).
+_DRAW_STRIDE = 1_000_003
 
 if TYPE_CHECKING:  # the policies import this module
     from tolaria.tamiyo.policy import Decision, GraftOption, Observation, SeedView
@@ -71,6 +76,35 @@ def candidates(
         for option in seed.options
         if not option.forbidden and option.param_cost <= budget
     )
+
+
+def feasible(
+    observation: Observation, config: TamiyoConfig, gates: Sequence[Decision]
+) -> tuple[Candidate, ...]:
+    """What one growth choice may pick this epoch (after the ``gates``); () if none."""
+    if not growth_slots(observation, config, gates):
+        return ()
+    return candidates(observation, budget=observation.param_budget_left)
+
+
+def sample_action(probabilities: torch.Tensor, seed: int, draw: int) -> int:
+    """Inverse-CDF sample of an action with the ``draw``-th uniform of run ``seed``: a pure
+    function, so a policy that keeps ``draw`` in its state decides the same after a resume."""
+    generator = torch.Generator().manual_seed(seed * _DRAW_STRIDE + draw)
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    index = int(torch.searchsorted(torch.cumsum(probabilities, 0), u, right=True))
+    return min(index, len(probabilities) - 1)
+
+
+def graft(candidate: Candidate, reason: str, evidence: dict[str, float]) -> list[Decision]:
+    """The decisions that graft ``candidate``: germinate, then train at once."""
+    from tolaria.tamiyo.policy import Decision
+
+    seed_id, blueprint = candidate.key
+    return [
+        Decision(seed_id, SeedState.GERMINATED, reason, blueprint, evidence),
+        Decision(seed_id, SeedState.TRAINING, "grafted", blueprint),
+    ]
 
 
 def growth_points(

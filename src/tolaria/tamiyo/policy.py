@@ -34,6 +34,7 @@ registered name or as ``module:Class``; the class is called with the ``TamiyoCon
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -340,18 +341,31 @@ class HeuristicPolicy:
         )
 
 
-POLICIES: Registry[type] = Registry("policy", "tamiyo.policy")
+def _learned(config: TamiyoConfig, **context: Any) -> Policy:
+    from tolaria.tamiyo.learned import LearnedPolicy  # torch-heavy scoring only when chosen
+
+    return LearnedPolicy(config, **context)
+
+
+POLICIES: Registry[Any] = Registry("policy", "tamiyo.policy")
 POLICIES.register("heuristic", HeuristicPolicy)
+POLICIES.register("learned", _learned)
+
+#: What a policy may ask for beyond its config, by naming it as a keyword argument.
+POLICY_CONTEXT = ("seed", "academy_dir")
 
 
-def make_policy(config: TamiyoConfig) -> Policy:
-    """The policy ``tamiyo.policy`` names (registered, or ``module:Class``), built on ``config``.
+def make_policy(config: TamiyoConfig, **context: Any) -> Policy:
+    """The policy ``tamiyo.policy`` names (registered, or ``module:Class``), built on ``config``
+    and the ``context`` entries (:data:`POLICY_CONTEXT`: the run seed, the academy) its
+    constructor accepts.
 
     An unknown name and a constructor that fails are two different mistakes, reported as such.
     """
     factory = POLICIES.get(config.policy)
-    check_kwargs(factory, {}, "tamiyo.policy", positional=1)
-    policy = construct(factory, f"tamiyo.policy={config.policy!r}", config)
+    wanted = _accepted(factory, context)
+    check_kwargs(factory, wanted, "tamiyo.policy", positional=1)
+    policy = construct(factory, f"tamiyo.policy={config.policy!r}", config, **wanted)
     missing = [m for m in ("decide", "update", "state_dict", "load_state_dict")
                if not callable(getattr(policy, m, None))]
     if missing:
@@ -359,3 +373,13 @@ def make_policy(config: TamiyoConfig) -> Policy:
             f"tamiyo.policy={config.policy!r}: not a policy (lacks {', '.join(missing)})"
         )
     return policy
+
+
+def _accepted(factory: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return dict(context)
+    return {k: v for k, v in context.items() if k in parameters}
