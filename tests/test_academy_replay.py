@@ -384,6 +384,14 @@ def test_the_academy_is_its_field_else_the_variable_else_beside_the_runs(monkeyp
     assert config.academy_dir() == Path("mine")
 
 
+def test_tolaria_academy_looks_where_runs_record(monkeypatch, tmp_path):
+    monkeypatch.setenv(ACADEMY_VARIABLE, str(tmp_path / "shared-academy"))
+    result = run_cli(["academy", "status"])
+    assert result.code == 0
+    assert f"{tmp_path / 'shared-academy'}: no academy directory yet" in " ".join(
+        (result.out + result.err).split())
+
+
 def test_a_resume_may_not_move_the_academy():
     stored = TolariaConfig()
     with pytest.raises(ConfigError, match=r"--set academy\.dir: changing"):
