@@ -48,6 +48,21 @@ class CallbackConfig(Section):
         return {"name": value} if isinstance(value, str) else value
 
 
+class MLflowConfig(Section):
+    """MLflow as a logger (``pip install 'tolaria[mlflow]'``): the resolved config as params,
+    every epoch's metrics at step = epoch, the summary and the status at the end.  A resume
+    continues the same MLflow run (its id is kept in ``<run_dir>/mlflow.json``)."""
+
+    enabled: bool = False
+    #: Where runs are tracked: ``file:<dir>`` (a local store, no server; Tolaria opts in to
+    #: MLflow's file store, which MLflow 3 otherwise refuses), ``http://host:5000``, ...
+    #: null: MLflow's own choice (``MLFLOW_TRACKING_URI``, else its default database, which
+    #: needs the full ``mlflow`` package).
+    tracking_uri: str | None = None
+    #: The MLflow experiment (made if missing); null: ``run.name``.
+    experiment: str | None = None
+
+
 class RunConfig(Section):
     name: str = "mnist1d-mlp"
     seed: int = 0
@@ -66,8 +81,14 @@ class RunConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: Run directories go to ``<runs_root>/<name>-<time>`` unless ``--run-dir`` is given.
     runs_root: str = "runs"
+    #: Live display on stderr: bars in a terminal, one plain line per epoch anywhere else
+    #: (a pipe, a CI log).  false: only seed transitions, rollbacks and failed grafts.
     progress: bool = True
+    #: TensorBoard scalars in ``<run_dir>/tensorboard``.
     tensorboard: bool = True
+    #: ``<run_dir>/metrics.csv``: one row per epoch run (a rollback's re-run has attempt 2).
+    csv: bool = True
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     #: Your callbacks, after the built-in ones: ``["module:Class", {name: ..., kwargs: ...}]``.
     callbacks: list[CallbackConfig] = Field(default_factory=list)
 
@@ -306,6 +327,8 @@ RESUMABLE_FIELDS = frozenset({
     "run.epochs",
     "run.progress",
     "run.tensorboard",
+    "run.csv",
+    "run.mlflow",
     "run.num_threads",
     "run.callbacks",
     "checkpoint.every_epochs",

@@ -288,15 +288,21 @@ class TamiyoController:
         if seed.state is not SeedState.DORMANT or seed.chunk_shape is None:
             return ()
         options = []
+        shape = tuple(seed.chunk_shape)
         for name in self.config.blueprints:
-            cost = self._param_cost(name, tuple(seed.chunk_shape))
+            cost = self._param_cost(name, shape)
             if cost is not None:
+                blueprint = get_blueprint(name)
                 options.append(
                     GraftOption(
                         blueprint=name,
                         param_cost=cost,
                         penalty=self.penalties.get((seed.seed_id, name), 0.0),
                         forbidden=self.incidents.is_forbidden(seed.seed_id, name),
+                        kind=blueprint.kind,
+                        receptive_field=blueprint.receptive_field(
+                            shape, **self.config.blueprint_kwargs.get(name, {})
+                        ),
                     )
                 )
         return tuple(options)
