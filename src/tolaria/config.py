@@ -10,6 +10,7 @@ the file, never a traceback.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -273,10 +274,16 @@ class TamiyoConfig(Section):
     outcome_horizon: int = Field(3, ge=1)
 
 
+#: The academy of runs whose ``academy.dir`` is null, when set.
+ACADEMY_VARIABLE = "TOLARIA_ACADEMY"
+
+
 class AcademyConfig(Section):
     """Where the academy keeps what runs teach it (docs/academy.md)."""
 
-    #: The academy directory (replay buffer, policy versions); None: ``<run.runs_root>/academy``.
+    #: The academy directory (replay buffer, policy versions); None: ``$TOLARIA_ACADEMY`` if
+    #: set (one academy for every project on a machine, or a test session's own), else
+    #: ``<run.runs_root>/academy``.
     dir: str | None = None
     #: Record every run with a run directory in the replay buffer (decision points, outcomes).
     replay: bool = True
@@ -336,10 +343,10 @@ class TolariaConfig(Section):
     academy: AcademyConfig = Field(default_factory=AcademyConfig)
 
     def academy_dir(self) -> Path:
-        """``academy.dir``, or the default beside the runs: ``<run.runs_root>/academy``."""
+        """Where the academy is: ``academy.dir``, ``$TOLARIA_ACADEMY``, or beside the runs."""
         if self.academy.dir is not None:
             return Path(self.academy.dir)
-        return Path(self.run.runs_root) / "academy"
+        return Path(os.environ.get(ACADEMY_VARIABLE) or Path(self.run.runs_root) / "academy")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -133,6 +133,8 @@ def campaign_config(task: CampaignTask, seed: int, epochs: int, root: Path) -> T
         "run.tensorboard=false",
         f"run.runs_root={root}",
         f"data.cache_dir={root / 'cache'}",
+        # Named, not left to the default: $TOLARIA_ACADEMY must not take the campaign's runs.
+        f"academy.dir={root / 'academy'}",
         "tamiyo.policy=tolaria.academy.campaign:ExploringPolicy",
     ])
 
