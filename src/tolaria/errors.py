@@ -48,3 +48,9 @@ class RunMismatch(ConfigError):
 
 class RunWriteError(TolariaError):
     """A file of the run could not be written: a full disk, a read-only or vanished folder."""
+
+
+class NoCheckpoint(CheckpointError):
+    """The run has no checkpoint of the kind asked for: a usage error, like a wrong path."""
+
+    exit_code = 2
