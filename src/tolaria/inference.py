@@ -67,8 +67,8 @@ def open_checkpoint(
         best = store.best()
         if best is None:
             raise NoCheckpoint(
-                f"{path}: no best checkpoint (a run keeps one with a run directory and "
-                "checkpoint.monitor set, from its first epoch on); try the last one"
+                f"{path}: no best checkpoint (a run keeps one when checkpoint.monitor is "
+                "set, once an epoch has finished); the last checkpoint may do"
             )
         return best, load_snapshot(best)
     candidates = store.checkpoints()
