@@ -386,6 +386,23 @@ def test_evaluate_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert load_config(run / "config.yaml").checkpoint.monitor is None
 
 
+def test_resume_leaves_a_run_that_stopped_early_unless_asked_to_go_on(tmp_path, capsys):
+    run = tmp_path / "run"
+    summary = train_cli(run, tmp_path, "run.epochs=10", "tamiyo.min_epochs_before_growth=1000",
+                        "run.early_stopping.patience=1", "run.early_stopping.min_delta=10")
+    assert summary["stopped_early"] and summary["epochs"] == 2
+    capsys.readouterr()
+    assert cli.main(["resume", str(run)]) == 0
+    assert "already completed" in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+    assert cli.main(["resume", str(run), "--set", "run.early_stopping.patience=3"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    resumed = json.loads((run / "summary.json").read_text())
+    assert (resumed["epochs"], resumed["stopped_early"]) == (4, True)
+    assert load_config(run / "config.yaml").run.early_stopping.patience == 3
+
+
 def _one_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err, err
