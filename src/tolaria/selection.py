@@ -114,7 +114,7 @@ class ModelSelection(Callback):
             self.reference, self.stale = value, 0
         else:
             self.stale += 1
-        if self._better(value, self.best and self.best["value"]):
+        if self._better(value, None if self.best is None else self.best["value"]):
             self.best = {"epoch": record.epoch, "attempt": record.attempt, "value": value}
             if trainer.store is not None:
                 self._pending = capture_snapshot(
@@ -138,9 +138,8 @@ class ModelSelection(Callback):
             return None
         since = "" if self.reference is None else f" on {self.reference:.6g}"
         margin = f" by more than {rule.min_delta:g}" if rule.min_delta else ""
-        return f"early stopping: {self.monitor} has not improved{since}{margin} for " + (
-            f"{self.stale} epochs"
-        )
+        return (f"early stopping: {self.monitor} has not improved{since}{margin} "
+                f"for {self.stale} epochs")
 
     # -- keeping the best checkpoint ---------------------------------------------------
     def on_epoch_end(self, trainer: Any, record: records.EpochEnd) -> None:
@@ -183,14 +182,14 @@ class ModelSelection(Callback):
     def tested_model(self, trainer: Any) -> tuple[nn.Module, str]:
         """The model the summary's test metrics describe, and how the summary names it."""
         epoch = trainer.current_epoch - 1
-        last = trainer.model, f"last (epoch {epoch})" if epoch >= 0 else "last (untrained)"
+        last = f"last (epoch {epoch})" if epoch >= 0 else "last (untrained)"
         if self.test_of == "last" or self.best is None or trainer.store is None:
-            return last
+            return trainer.model, last
         path = trainer.store.directory / _name(self.best)
         try:
             snapshot = load_snapshot(path)
         except CheckpointError as exc:  # never written (the run stopped first), or damaged
-            return last[0], f"{last[1]}; the best checkpoint cannot be read: {exc}"
+            return trainer.model, f"{last}; the best checkpoint cannot be read: {exc}"
         model = restore_model(copy.deepcopy(trainer.model), snapshot["model"], "keep")
         return model, f"best (epoch {self.best['epoch']})"
 
