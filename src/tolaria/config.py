@@ -63,6 +63,19 @@ class MLflowConfig(Section):
     experiment: str | None = None
 
 
+class EarlyStoppingConfig(Section):
+    """Stop a run whose ``checkpoint.monitor`` has stopped improving (``tolaria.selection``)."""
+
+    #: Kept epochs in a row without an improvement of more than ``min_delta`` on the best
+    #: value so far that end the run.
+    patience: int = Field(5, ge=1)
+    #: How much better than the best so far a value must be to count as an improvement.
+    min_delta: float = Field(0.0, ge=0.0)
+    #: Stop even while a seed is on trial.  Off, a run waits for its trials to end: a graft
+    #: that is still blending may be what improves the monitor next.
+    during_trials: bool = False
+
+
 class RunConfig(Section):
     name: str = "mnist1d-mlp"
     seed: int = 0
@@ -91,6 +104,8 @@ class RunConfig(Section):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     #: Your callbacks, after the built-in ones: ``["module:Class", {name: ..., kwargs: ...}]``.
     callbacks: list[CallbackConfig] = Field(default_factory=list)
+    #: Stop early on ``checkpoint.monitor`` (``{patience: 5}``); null runs every epoch.
+    early_stopping: EarlyStoppingConfig | None = None
 
     @field_validator("device")
     @classmethod
@@ -177,6 +192,15 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1)
     #: In-memory snapshots kept for fast rollback.
     memory_snapshots: int = Field(3, ge=1)
+    #: The epoch metric that picks the best checkpoint and drives early stopping, named as
+    #: in metrics.jsonl (``val_accuracy``, ``val_loss``, ``train_loss``); null keeps no best
+    #: checkpoint.  The best is kept beside the last ``keep``, whatever its epoch.
+    monitor: str | None = "val_accuracy"
+    #: Whether a larger or a smaller ``monitor`` is better; ``auto``: smaller for a loss.
+    mode: Literal["auto", "max", "min"] = "auto"
+    #: The model the summary's test metrics describe: the best checkpoint (when the run keeps
+    #: one: it needs a run directory and a monitor) or the last model.
+    test_of: Literal["best", "last"] = "best"
 
 
 class KasminaConfig(Section):
@@ -365,8 +389,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> To
     return validate_config(data, source)
 
 
-#: What ``tolaria resume --set`` may change: how long the run goes on, what watches it, how
-#: often it is saved, its CPU threads (at most the last bits of a sum).  Every other field
+#: What ``tolaria resume --set`` may change: how long the run goes on (its epochs, when it
+#: stops early), what watches it, how often it is saved, which model its summary tests, its
+#: CPU threads (at most the last bits of a sum).  Every other field
 #: shapes what a checkpoint continues (data, model, optimizer, schedule, seed, controller):
 #: changed, the resumed run would no longer be the run it continues.
 RESUMABLE_FIELDS = frozenset({
@@ -377,8 +402,10 @@ RESUMABLE_FIELDS = frozenset({
     "run.mlflow",
     "run.num_threads",
     "run.callbacks",
+    "run.early_stopping",
     "checkpoint.every_epochs",
     "checkpoint.keep",
+    "checkpoint.test_of",
 })
 
 

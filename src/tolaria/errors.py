@@ -66,3 +66,9 @@ class PolicyVersionError(TolariaError):
     """A policy version of the academy is missing, corrupt, or cannot be made champion."""
 
     exit_code = 2
+
+
+class NoCheckpoint(CheckpointError):
+    """The run has no checkpoint of the kind asked for: a usage error, like a wrong path."""
+
+    exit_code = 2

@@ -5,6 +5,10 @@ same data with the same optimizer, growth settings and seed.  ``RunFingerprint``
 snapshot component: its state is that record, and loading a state that differs from the
 live run's raises :class:`~tolaria.errors.RunMismatch` naming what changed -- a
 changed dataset of the same shape would otherwise resume silently into another result.
+
+It also makes a checkpoint self-describing: the model and Kasmina sections, the input shape
+and the classes are what :func:`tolaria.inference.load_model` rebuilds the host from, and the
+architecture digest tells it whether the rebuilt host is the one the run trained.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def dataset_digest(dataset: Dataset | None) -> str:
     return digest.hexdigest()
 
 
-def _architecture(model: nn.Module) -> str:
+def architecture_digest(model: nn.Module) -> str:
     """The model's class and every parameter and buffer by name, shape and dtype."""
     entries = [type(model).__qualname__]
     entries += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
@@ -83,7 +87,9 @@ class RunFingerprint:
             "run.seed": str(config.run.seed),
             **_settings(config),
             "data content": "/".join(dataset_digest(d) for d in (data.train, data.val, data.test)),
-            "model architecture": _architecture(model),
+            "input shape": json.dumps(list(data.input_shape)),
+            "classes": json.dumps(data.num_classes),
+            "model architecture": architecture_digest(model),
         }
 
     def state_dict(self) -> dict[str, str]:

@@ -49,6 +49,7 @@ from tolaria.hosts import count_parameters
 from tolaria.kasmina import ablated
 from tolaria.optim import DynamicOptimizerManager
 from tolaria.rundir import RunDirectory, attach_run_directory
+from tolaria.selection import ModelSelection
 from tolaria.stepping import AccumulationWindows, BatchStepper, Precision
 from tolaria.summary import run_summary
 from tolaria.task import Task
@@ -100,9 +101,13 @@ class TolariaTrainer:
                                     self.precision.grad_scaler())
         self.hardware_monitor = HardwareMonitor(self.device)
         self.snapshots = SnapshotRing(config.checkpoint.memory_snapshots)
+        self.selection = ModelSelection(
+            config.checkpoint, config.run.early_stopping, [m.label for m in self.task.metrics]
+        )
         # Only now, with everything above built: a mistake in any of it leaves no directory.
         self.run_dir, run_callbacks, self.store = attach_run_directory(run_dir, config)
-        self.callbacks = Callbacks([*run_callbacks, *callbacks])
+        # The best checkpoint is written after the epoch's records, before its durable one.
+        self.callbacks = Callbacks([*run_callbacks, self.selection, *callbacks])
         self._emit = Emitter(self, self.callbacks, lambda: self.current_epoch)
         tamiyo.event_sink = self._emit.controller_event
         #: Snapshot components in restore order: the same run?  Weights, then the optimizer.
@@ -113,6 +118,7 @@ class TolariaTrainer:
             "tamiyo": self.tamiyo,
             "rng": RngState(),
             "data_order": self.loaders.train_sampler,
+            "selection": self.selection,
         }
         if self.stepper.grad_scaler is not None:  # fp16 only: other checkpoints keep their layout
             self.components["grad_scaler"] = self.stepper.grad_scaler
@@ -144,7 +150,8 @@ class TolariaTrainer:
                    device=self.device.type)
         status, error, diverged = "failed", None, False
         try:
-            while self.current_epoch < epochs:
+            stop = self.selection.stop_reason  # early stopping, on the monitored metric
+            while self.current_epoch < epochs and not stop(self.tamiyo.seed_states):
                 self.run_epoch(self.current_epoch)
                 finished = self.current_epoch - 1
             if self.store is not None and self._last_durable_epoch != self.current_epoch - 1:

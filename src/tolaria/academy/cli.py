@@ -98,9 +98,9 @@ def _pretrain(args: argparse.Namespace, console: Console) -> int:
         shipped = read_version(BUILTIN_V0, "v0").card.get("tensors_digest")
     except PolicyVersionError:
         shipped = None
-    if shipped is not None:
-        same = "matches" if shipped == card["tensors_digest"] else "differs from"
-        console.print(f"its weights {same} the shipped v0, bit for bit", highlight=False)
+    if shipped is not None and out.resolve() != BUILTIN_V0.resolve():
+        same = "match" if shipped == card["tensors_digest"] else "differ from"
+        console.print(f"its weights {same} the shipped v0's, bit for bit", highlight=False)
     return 0
 
 
