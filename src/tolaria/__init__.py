@@ -28,6 +28,8 @@ _EXPORTS = {
     "inject_seeds": "tolaria.kasmina",
     "register_blueprint": "tolaria.kasmina",
     "TamiyoController": "tolaria.tamiyo",
+    "fold_grafts": "tolaria.export",
+    "export_model": "tolaria.export",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", type=Path)
     plot.add_argument("--out", type=Path, help="image file (default: RUN_DIR/curves.png)")
 
+    from tolaria import export_cli  # torch-free; it imports the exporter when it runs
+
+    export_cli.add_parser(commands)
+
     show = commands.add_parser("config", help="print the resolved config as YAML")
     config_options(show)
     return parser
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, console)
         if args.command == "plot":
             return _plot(args, console)
+        if args.command == "export":
+            from tolaria import export_cli
+
+            return export_cli.run(args, console)
         return _resume(args, console)
     except TolariaError as exc:
         if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
