@@ -3,6 +3,7 @@ at any batch size, in a Python that cannot import Tolaria."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from drills import CLI_SETTINGS, train_args
 from tolaria.build import build_trainer
 from tolaria.cli import main
 from tolaria.contracts import SeedState
@@ -49,7 +51,11 @@ def grown(request, tiny_config, tiny_data) -> tuple[nn.Module, torch.Tensor]:
     ``(model in eval mode, a validation batch)``."""
     host = request.param
     tiny_config.model.host = host
-    tiny_config.model.kwargs = {"hidden": [16, 16]} if host == "mlp" else {"channels": [8, 8]}
+    if host == "cnn1d":
+        tiny_config.model.kwargs = {"channels": [8, 8]}
+        # On the convolutions themselves, which run their layer by a forward hook (on the
+        # mlp's blocks, nn.Sequential runs it as its last child).
+        tiny_config.kasmina.layers = ["hidden.*.0"]
     tiny_config.tamiyo.min_epochs_before_growth = 100  # the test commands the seeds itself
     tiny_config.kasmina.blend_epochs = 3
     trainer = build_trainer(tiny_config, data=tiny_data)
@@ -94,12 +100,14 @@ def test_folded_model_computes_the_grown_function(grown, trials):
 
 def test_fold_keeps_host_names_and_only_the_grafts_that_add_something(grown):
     model, _ = grown
+    seeds = find_seeds(model)
     folded = fold_grafts(model, trials="drop")
     names = set(dict(folded.named_parameters()))
     host = {n for n in dict(model.named_parameters()) if ".kasmina." not in n}
     assert host <= names
     grafts = {(n.split(".kasmina.")[0], n.split(".deltas.")[1][0]) for n in names - host}
-    assert grafts == {("hidden.0", "0"), ("hidden.1", "2")}  # the fossils, by layer and chunk
+    first, second = (seeds[0].layer.module_fqn, seeds[-1].layer.module_fqn)
+    assert grafts == {(first, "0"), (second, "2")}  # the two fossils, by layer and chunk
     kept = set(dict(fold_grafts(model, trials="keep").named_parameters())) - host
     assert len(kept) > len(names - host)  # BLENDING and PROBATIONARY deltas too
 
@@ -121,9 +129,10 @@ def target(folder, format: str):
 def load_in_process(format: str, out) -> nn.Module:
     if format == "exported-program":
         return torch.export.load(out).module()
-    from tolaria.export_state_dict import load_state_dict_export
-
-    return load_state_dict_export(out)
+    spec = importlib.util.spec_from_file_location("model", out / "model.py")  # `import model`
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load()
 
 
 #: Loads each export given as FORMAT PATH with `import tolaria` made impossible, runs it on the
@@ -204,6 +213,38 @@ def test_a_forward_that_fixes_the_batch_size_is_refused(tmp_path):
     assert not (tmp_path / "m.pt2").exists()
 
 
+def test_the_state_dict_model_trains(grown, tmp_path):
+    model, x = grown
+    out = export_model(model, x, target(tmp_path, "state-dict"), "state-dict", trials="keep")
+    loaded = load_in_process("state-dict", out)
+    loaded(x).logsumexp(1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loaded.parameters())
+    assert sum(p.numel() for p in loaded.parameters()) == sum(
+        p.numel() for p in fold_grafts(model, trials="keep").parameters()
+    )
+
+
+@torch.library.custom_op("tolaria_tests::twice", mutates_args=())
+def twice(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x
+
+
+twice.register_fake(lambda x: torch.empty_like(x))
+
+
+class CustomOp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return twice(x)
+
+
+def test_a_custom_op_goes_in_an_exported_program_but_not_in_a_state_dict(tmp_path):
+    x = torch.randn(2, 3)
+    export_model(CustomOp(), x, tmp_path / "m.pt2", "exported-program")
+    with pytest.raises(ExportError, match=r"calls tolaria_tests\.twice\.default, which is not a"):
+        export_model(CustomOp(), x, tmp_path / "m", "state-dict")
+    assert not (tmp_path / "m").exists()
+
+
 def test_bad_choices_and_paths_are_one_clear_error(tmp_path):
     model, x = nn.Linear(4, 2), torch.randn(2, 4)
     with pytest.raises(ExportError, match="trials='maybe' is not one of drop, keep"):
@@ -211,12 +252,12 @@ def test_bad_choices_and_paths_are_one_clear_error(tmp_path):
     with pytest.raises(ExportError, match="format='onnx' is not one of"):
         export_model(model, x, tmp_path / "m", "onnx")
     (tmp_path / "file").write_text("")
-    with pytest.raises(ExportError, match="is a file; the state-dict export is a folder"):
+    with pytest.raises(ExportError, match="is a file, but the state-dict format writes a folder"):
         export_model(model, x, tmp_path / "file", "state-dict")
     with pytest.raises(ExportError, match=r"name ends in \.pt2"):
         export_model(model, x, tmp_path / "model.pt", "exported-program")
     (tmp_path / "folder.pt2").mkdir()
-    with pytest.raises(ExportError, match="is a folder; the exported program is one file"):
+    with pytest.raises(ExportError, match="is a folder, but the exported-program format"):
         export_model(model, x, tmp_path / "folder.pt2", "exported-program")
 
 
@@ -226,22 +267,23 @@ def test_export_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert "not a run directory" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.slow
-def test_tolaria_export_writes_a_run_s_best_model(tmp_path, tiny_config):
-    pytest.importorskip("tolaria.inference", reason="needs load_model (branch best-model)")
-    run = tmp_path / "run"
-    config = tmp_path / "c.yaml"
-    tiny_config.data.dataset = "digits"
-    tiny_config.model.kwargs = {"hidden": [16]}
-    tiny_config.run.epochs = 3
-    config.write_text(tiny_config.to_yaml())
-    assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 0
-    for format in ("exported-program", "state-dict"):
-        assert main(["export", str(run), "--format", format, "--trials", "keep"]) == 0
-    program = torch.export.load(run / "export" / "best.pt2").module()
-    from tolaria.export_state_dict import load_state_dict_export
+#: A short digits run that grows (tests/drills.py), with a durable checkpoint every epoch.
+GROWING_RUN = [*CLI_SETTINGS, "run.epochs=4", "checkpoint.every_epochs=1"]
 
-    state_dict_model = load_state_dict_export(run / "export" / "best")
-    x = torch.rand(5, *next(iter(program.parameters())).shape[1:2])
+
+def test_tolaria_export_writes_what_load_model_loads(tmp_path):
+    inference = pytest.importorskip("tolaria.inference", reason="needs load_model")
+    run = tmp_path / "run"
+    assert main(train_args(run, tmp_path / "cache", GROWING_RUN)) == 0
+    for format in ("exported-program", "state-dict"):
+        args = ["export", str(run), "--format", format, "--checkpoint", "last", "--trials", "keep"]
+        assert main(args) == 0
+    exports = [
+        torch.export.load(run / "export" / "last.pt2").module(),
+        load_in_process("state-dict", run / "export" / "last"),
+    ]
+    model = inference.load_model(run, which="last", trials="keep")
+    x = torch.rand(7, 1, 8, 8)  # digits: 8x8 images
     with torch.no_grad():
-        assert (program(x) - state_dict_model(x)).abs().max() <= 1e-6
+        for exported in exports:
+            assert (exported(x) - model(x)).abs().max() <= 1e-6

@@ -76,7 +76,7 @@ def fold_grafts(model: nn.Module, *, trials: str = "drop") -> nn.Module:
     _check_choice("trials", trials, TRIALS)
     folded = copy.deepcopy(model).eval()
     for module in list(folded.modules()):
-        layer = module._modules.get("kasmina")
+        layer = getattr(module, "kasmina", None)
         if isinstance(layer, KasminaLayer):
             # The same slot, so what ran the layer (the forward hook that inject_seeds
             # registered, or nn.Sequential's loop) now runs the fold.
@@ -123,27 +123,32 @@ def export_model(
     ``example_input``: an export that does not reproduce the model raises ``ExportError``.
     """
     _check_choice("format", format, FORMATS)
+    out = Path(out)
+    if format == "exported-program" and out.suffix != ".pt2":
+        raise ExportError(
+            f"{out}: an exported program's name ends in .pt2 (torch.export.load reads no other)"
+        )
+    kind = "file" if format == "exported-program" else "folder"
+    if out.exists() and out.is_dir() != (kind == "folder"):
+        other = "folder" if out.is_dir() else "file"
+        raise ExportError(f"{out}: is a {other}, but the {format} format writes a {kind}")
     folded = fold_grafts(model, trials=trials)
     program = _trace(folded, example_input)
-    out = Path(out)
     if format == "exported-program":
-        if out.suffix != ".pt2":
-            raise ExportError(
-                f"{out}: an exported program's name ends in .pt2 (torch.export.load reads no other)"
-            )
-        if out.is_dir():
-            raise ExportError(f"{out}: is a folder; the exported program is one file")
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, buffer.getvalue())
-        loaded = torch.export.load(out).module()
+        files = {out: buffer.getvalue()}
+        loaded = torch.export.load(io.BytesIO(files[out])).module()
     else:
-        from tolaria.export_state_dict import load_state_dict_export, write_state_dict_export
+        from tolaria.export_state_dict import build_state_dict_export, render_state_dict_export
 
-        write_state_dict_export(program, out)
-        loaded = load_state_dict_export(out)
+        rendered = render_state_dict_export(program)
+        files = {out / name: data for name, data in rendered.items()}
+        loaded = build_state_dict_export(rendered)
     _check_reproduces(loaded, folded, example_input, out)
+    for path, data in files.items():  # only now: an export that is wrong is never written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
     return out
 
 

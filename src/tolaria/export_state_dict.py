@@ -6,22 +6,18 @@ batch size read from the input), and its module tree holds every tensor that gra
 under the folded model's own names, so ``model.safetensors`` -- those tensors by name, a
 format any tool reads without running code -- loads with a strict ``load_state_dict``.  It
 needs torch, and safetensors to read the weights; its parameters train like any module's.
-A graph that needs more than torch (a custom op implemented in Python, a mutated buffer,
-several inputs or outputs) is refused here, not found by whoever loads it.
+A graph that needs more than torch (a library's custom op, a mutated buffer, several
+outputs) is refused here, not found by whoever loads it.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from tolaria import __version__
-from tolaria.atomic import write_atomic
 from tolaria.errors import ExportError
 
 CODE_FILE, WEIGHTS_FILE = "model.py", "model.safetensors"
@@ -89,19 +85,22 @@ def load(path=None):
 '''
 
 
-def write_state_dict_export(program: torch.export.ExportedProgram, folder: Path) -> None:
-    """Write ``folder/model.py`` and ``folder/model.safetensors`` for ``program``."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ExportError(f"{folder}: is a file; the state-dict export is a folder")
+def render_state_dict_export(program: torch.export.ExportedProgram) -> dict[str, str | bytes]:
+    """The folder's files for ``program``: ``{"model.py": code, "model.safetensors": weights}``."""
     tensors = _graph_tensors(program)
     code = program.graph_module.graph.python_code(root_module="self")
-    # What an empty graph's code needs (torch, inf, device, ...) is what model.py imports.
-    needed = code.globals.keys() - torch.fx.Graph().python_code("self").globals.keys()
-    if needed:
+    # What an empty graph's code needs (torch, inf, device, ...) is what model.py imports;
+    # an op outside aten (a library's custom op) exists only where that library is loaded.
+    foreign = code.globals.keys() - torch.fx.Graph().python_code("self").globals.keys()
+    foreign |= {
+        str(node.target)
+        for node in program.graph.nodes
+        if node.op == "call_function" and getattr(node.target, "namespace", "aten") != "aten"
+    }
+    if foreign:
         raise ExportError(
-            f"the model's graph calls {', '.join(sorted(needed))}, which is not torch: "
-            "use --format exported-program"
+            f"the model's graph calls {', '.join(sorted(foreign))}, which is not a torch "
+            "operation: the state-dict format runs on torch alone"
         )
     graph = code.src.replace("def forward(self,", "def _graph(self,", 1)
     rows = "".join(
@@ -116,17 +115,16 @@ def write_state_dict_export(program: torch.export.ExportedProgram, folder: Path)
     )
     # Copies: safetensors refuses tensors that share storage, or are not contiguous.
     weights = {name: t.detach().cpu().contiguous().clone() for name, (_, t) in tensors.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / WEIGHTS_FILE, save(weights))
-    write_atomic(folder / CODE_FILE, source)
+    return {WEIGHTS_FILE: save(weights), CODE_FILE: source}
 
 
-def load_state_dict_export(folder: Path) -> nn.Module:
-    """Run ``folder/model.py``'s ``load()`` -- what a user without Tolaria does by import."""
-    spec = importlib.util.spec_from_file_location("model", Path(folder) / CODE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.load()
+def build_state_dict_export(files: dict[str, str | bytes]) -> nn.Module:
+    """The model that ``files`` describe, as ``model.load()`` makes it from the folder."""
+    namespace: dict = {"__name__": "model"}
+    exec(compile(files[CODE_FILE], CODE_FILE, "exec"), namespace)
+    model = namespace["GrownModel"]()
+    model.load_state_dict(load(files[WEIGHTS_FILE]))
+    return model.eval()
 
 
 def _graph_tensors(program: torch.export.ExportedProgram) -> dict[str, tuple[str, torch.Tensor]]:
