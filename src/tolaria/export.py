@@ -9,8 +9,8 @@ becomes ``GraftedChunks``, the same split into chunks with the kept deltas added
 still on trial are dropped (``trials="drop"``: the host as it stands without them) or kept
 at their current alpha (``"keep"``: exactly what validation measured).
 
-Formats (``export_model``), both loaded back and run on the example input before the
-export counts as written:
+Formats (``export_model``), each loaded back from its bytes and run on the example input
+before anything is written:
 
 ``exported-program``  ``torch.export`` of the folded model saved as one ``.pt2`` file: ATen
     ops and tensors, no Python code, loaded by ``torch.export.load(path).module()``.
