@@ -1,8 +1,8 @@
 """How long is the end-of-epoch hook?  Design budget 18 ms, our goal <= 5 ms.
 
 The default job (MNIST-1D, MLP host, a seed on its flattened input, Tamiyo's heuristic
-policy) runs for real with no run directory (so no disk I/O), and a callback times every
-epoch's end from the trainer's own events:
+policy, and then the learned policy v0) runs for real with no run directory (so no disk
+I/O), and a callback times every epoch's end from the trainer's own events:
 
 - ``boundary``: ``validation_end`` -> ``epoch_end`` -- packet assembly, ``tamiyo.step``
   (decisions, seed transitions, ``on_epoch_end``), recording, the optimizer rebuild when
@@ -98,13 +98,19 @@ def summarize(samples: list[float]) -> dict[str, float]:
     return {"median": median(ms), "p90": quantile(ms, 0.9), "max": max(ms), "n": len(ms)}
 
 
-def measure(hidden: list[int], epochs: int) -> dict[str, Any]:
+#: The policies timed: the default heuristic, and the shipped learned v0 sampling as it does
+#: by day (its scorer runs at every epoch where growth is possible).
+POLICIES = {"heuristic": [], "learned": ["tamiyo.policy=learned", "tamiyo.policy_version=v0"]}
+
+
+def measure(hidden: list[int], epochs: int, policy: str) -> dict[str, Any]:
     config = load_config(overrides=[
         f"model.kwargs.hidden={hidden}",
         f"run.epochs={epochs}",
         "run.device=cpu",
         "run.progress=false",
         "run.tensorboard=false",
+        *POLICIES[policy],
     ])
     clock = BoundaryClock()
     trainer = build_trainer(config, callbacks=[clock])
@@ -118,7 +124,7 @@ def measure(hidden: list[int], epochs: int) -> dict[str, Any]:
         if any(part in e for e in recorded)
     }
     return {
-        "host": f"mlp hidden {hidden}",
+        "host": f"mlp hidden {hidden}" + ("" if policy == "heuristic" else f", {policy}"),
         "params_initial": trainer.params_initial,
         "params_final": count_parameters(trainer.model),
         "seeds": len(trainer.tamiyo.seed_states),
@@ -141,7 +147,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "design_budget_ms": DESIGN_BUDGET_MS,
         "goal_ms": GOAL_MS,
-        "workloads": [measure(hidden, args.epochs) for hidden in mlp_workloads(args)],
+        "workloads": [
+            measure(hidden, args.epochs, policy)
+            for policy in POLICIES
+            for hidden in mlp_workloads(args)
+        ],
     }
 
 

@@ -46,6 +46,7 @@ def tiny_config(tmp_path) -> TolariaConfig:
     config.run.tensorboard = False
     config.data.batch_size = 32
     config.data.cache_dir = str(tmp_path / "cache")
+    config.academy.dir = str(tmp_path / "academy")  # not the checkout's runs/academy
     config.model.kwargs = {"hidden": [16, 16]}
     config.optimizer.lr = 1e-2
     config.checkpoint.every_epochs = 2

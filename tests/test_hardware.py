@@ -46,7 +46,7 @@ def test_resolve_device_cpu_paths(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         resolve_device("cuda")
-    with pytest.raises(ConfigError, match="expected 'auto', 'cpu' or 'cuda'"):
+    with pytest.raises(ConfigError, match="expected 'auto', 'cpu', 'cuda' or 'cuda:N'"):
         resolve_device("tpu")
 
 

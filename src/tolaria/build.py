@@ -22,7 +22,7 @@ from tolaria.hosts import build_host, count_parameters
 from tolaria.kasmina import bind_chunks, find_seeds, inject_seeds
 from tolaria.plugins import make_callbacks
 from tolaria.rundir import RunDirectory
-from tolaria.tamiyo import TamiyoController
+from tolaria.tamiyo import TamiyoController, make_policy
 from tolaria.trainer import TolariaTrainer
 
 
@@ -57,7 +57,16 @@ def build_trainer(
         inject_seeds(model, config.kasmina)
     _forward_a_sample(model, data, config)
     tamiyo = TamiyoController(
-        config.tamiyo, config.kasmina, num_classes=data.num_classes, host_parameters=host_parameters
+        config.tamiyo,
+        config.kasmina,
+        num_classes=data.num_classes,
+        host_parameters=host_parameters,
+        epochs_total=config.run.epochs,
+        policy=make_policy(
+            config.tamiyo,
+            seed=config.run.seed,
+            academy_dir=config.academy_dir(),
+        ),
     )
     for seed in find_seeds(model):
         tamiyo.register_seed(seed)

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         "(repeatable; written to RUN_DIR/config.yaml)",
     )
 
+    for command in (train, resume):
+        command.add_argument(
+            "--quiet", action="store_true",
+            help="print only errors and, when the run ends, the path of its summary.json",
+        )
+
     plot = commands.add_parser("plot", help="draw a run's learning curves and growth events")
     plot.add_argument("run_dir", type=Path)
     plot.add_argument("--out", type=Path, help="image file (default: RUN_DIR/curves.png)")
@@ -70,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the resolved config as YAML")
     config_options(show)
+
+    from tolaria.academy import cli as academy_cli  # import-light: handlers import the rest
+
+    academy_cli.add_parser(commands)
     return parser
 
 
@@ -88,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             from tolaria import export_cli
 
             return export_cli.run(args, console)
+        if args.command == "academy":
+            from tolaria.academy import cli as academy_cli
+
+            return academy_cli.run(args, console)
         return _resume(args, console)
     except TolariaError as exc:
         if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
@@ -102,26 +116,27 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer  # heavy imports only once the config is valid
 
     config = load_config(args.config, args.overrides)
+    info = _informational(console, args.quiet)
     path = args.run_dir or RunDirectory.default_path(config)
     if args.overwrite and path.is_dir():
         # Locked first, replaced last: a run in progress is refused, and a mistake in the
         # new config (found while building) leaves the old run as it was.
         run_dir = RunDirectory.claim(path)
         try:
-            trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
+            trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, info))
             run_dir.replace(config)
         except BaseException:
             run_dir.close()
             raise
     else:
         RunDirectory.check_free(path)  # fail before minutes of data generation, not after
-        trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, console))
+        trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, info))
     try:
-        console.print(f"run directory: [bold]{path}[/]")
+        info.print(f"run directory: [bold]{path}[/]")
         summary = trainer.train()
     except KeyboardInterrupt:
         return _interrupted(console, path)
-    _print_summary(summary, path)
+    _print_summary(summary, path, args.quiet)
     return 0
 
 
@@ -129,6 +144,7 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer
 
     run_dir, stored = RunDirectory.open_existing(args.run_dir, lock=False)
+    info = _informational(console, args.quiet)
     config = config_for_resume(
         stored,
         args.overrides,
@@ -137,11 +153,11 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     )
     # Asked before locking: a finished run is left untouched, unless it is asked for more.
     if _completed(run_dir.path, console) and config.run.epochs <= stored.run.epochs:
-        console.print(f"{run_dir.path} already completed its {stored.run.epochs} epochs")
+        info.print(f"{run_dir.path} already completed its {stored.run.epochs} epochs")
         return 0
     run_dir.take()  # held until the run ends
     try:
-        trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
+        trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, info))
         epoch = trainer.resume(
             on_skip=lambda path, reason: console.print(
                 f"[yellow]skipping checkpoint {path}: {reason}"
@@ -150,20 +166,20 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
         changed = changed_fields(stored, config)
         if changed:  # only now: a refused resume leaves the config it ran with
             run_dir.write_config(config)
-            console.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
+            info.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
         if epoch == 0:
-            console.print(
+            info.print(
                 f"no checkpoint in {run_dir.path} yet: starting it over from epoch 0 "
                 "(same config and seed, same run)"
             )
         else:
-            console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
+            info.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
         summary = trainer.train()
     except KeyboardInterrupt:
         return _interrupted(console, run_dir.path)
     finally:
         run_dir.close()  # train() releases it too; this is for a failure before it
-    _print_summary(summary, run_dir.path)
+    _print_summary(summary, run_dir.path, args.quiet)
     return 0
 
 
@@ -210,23 +226,31 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _informational(console: Console, quiet: bool) -> Console:
+    """Where the lines that only inform go: nowhere with ``--quiet`` (errors and warnings
+    keep ``console``)."""
+    return Console(stderr=True, quiet=True) if quiet else console
+
+
 def _progress(config, console: Console) -> list:
-    if not config.run.progress:
-        return []
-    from tolaria.progress import RichProgress
+    from tolaria.progress import make_display  # rich.progress: only for a run
 
-    return [RichProgress(console)]
+    return make_display(console, progress=config.run.progress)
 
 
-def _print_summary(summary: dict, path: Path) -> None:
+def _print_summary(summary: dict, path: Path, quiet: bool) -> None:
+    # The result goes to stdout, progress to stderr; --quiet leaves only where it lies.
+    if quiet:
+        print(path / "summary.json", flush=True)
+        return
+    from tolaria.summary import plain_value
+
     table = Table(title=f"Tolaria run summary ({path})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        table.add_row(key, str(value))
-    Console().print(table)  # the result goes to stdout, progress to stderr
+        table.add_row(key, plain_value(value))
+    Console().print(table)
 
 
 if __name__ == "__main__":

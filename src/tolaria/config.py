@@ -10,11 +10,20 @@ the file, never a traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from tolaria.errors import ConfigError
 
@@ -38,23 +47,65 @@ class CallbackConfig(Section):
         return {"name": value} if isinstance(value, str) else value
 
 
+class MLflowConfig(Section):
+    """MLflow as a logger (``pip install 'tolaria[mlflow]'``): the resolved config as params,
+    every epoch's metrics at step = epoch, the summary and the status at the end.  A resume
+    continues the same MLflow run (its id is kept in ``<run_dir>/mlflow.json``)."""
+
+    enabled: bool = False
+    #: Where runs are tracked: ``file:<dir>`` (a local store, no server; Tolaria opts in to
+    #: MLflow's file store, which MLflow 3 otherwise refuses), ``http://host:5000``, ...
+    #: null: MLflow's own choice (``MLFLOW_TRACKING_URI``, else its default database, which
+    #: needs the full ``mlflow`` package).
+    tracking_uri: str | None = None
+    #: The MLflow experiment (made if missing); null: ``run.name``.
+    experiment: str | None = None
+
+
 class RunConfig(Section):
     name: str = "mnist1d-mlp"
     seed: int = 0
     epochs: int = Field(30, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (the N-th
+    #: visible GPU); a CUDA device this machine lacks is refused when the trainer is built.
+    device: str = "auto"
     #: CPU threads for torch ops (0: torch's default).  Small models like the default host
     #: train fastest on one thread: extra threads only add synchronisation, and stall badly
     #: on a busy machine.
     num_threads: int = Field(1, ge=0)
-    #: Mixed precision on CUDA (bfloat16 autocast); ignored on CPU.
-    amp: bool = False
+    #: Arithmetic of the forward pass (``tolaria.stepping``): ``fp32``; ``bf16``, autocast to
+    #: bfloat16 on CPU or CUDA; ``fp16``, autocast to float16 with a gradient scaler, on
+    #: CUDA only (CPU kernels are built for bfloat16).  Weights, optimizer state and
+    #: checkpoints stay float32 in every case.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: Run directories go to ``<runs_root>/<name>-<time>`` unless ``--run-dir`` is given.
     runs_root: str = "runs"
+    #: Live display on stderr: bars in a terminal, one plain line per epoch anywhere else
+    #: (a pipe, a CI log).  false: only seed transitions, rollbacks and failed grafts.
     progress: bool = True
+    #: TensorBoard scalars in ``<run_dir>/tensorboard``.
     tensorboard: bool = True
+    #: ``<run_dir>/metrics.csv``: one row per epoch run (a rollback's re-run has attempt 2).
+    csv: bool = True
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     #: Your callbacks, after the built-in ones: ``["module:Class", {name: ..., kwargs: ...}]``.
     callbacks: list[CallbackConfig] = Field(default_factory=list)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            raise PydanticCustomError("device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_amp_off(cls, value: Any) -> Any:
+        # Run directories written before run.precision carry ``amp: false``: the default,
+        # so it loads; ``amp: true`` still names its replacement (REPLACED_KEYS).
+        if isinstance(value, dict) and value.get("amp") is False:
+            return {k: v for k, v in value.items() if k != "amp"}
+        return value
 
 
 class DataConfig(Section):
@@ -93,6 +144,16 @@ class OptimizerConfig(Section):
     #: Optimizer steps over which a new seed's learning rate ramps up from zero; a seed
     #: joining mid-ramp restarts it for the whole seed group (``tolaria.schedules``).
     seed_warmup_steps: int = Field(0, ge=0)
+    #: Batches whose gradients add up to one optimizer step: ``data.batch_size * k`` samples
+    #: per step at one batch's memory.  The LR schedule and ``global_step`` count steps, and
+    #: an epoch's last step takes the batches left over (none carry into the next epoch).
+    accumulate_batches: int = Field(1, ge=1)
+    #: Before each step, rescale the gradients so their global L2 norm is at most this
+    #: (``torch.nn.utils.clip_grad_norm_``, over every parameter trained); null: no clipping.
+    clip_grad_norm: float | None = Field(None, gt=0.0)
+    #: Before each step, clamp every gradient element into ``[-v, v]``; null: no clamping.
+    #: With both set, values are clamped first, then the norm is bounded: both limits hold.
+    clip_grad_value: float | None = Field(None, gt=0.0)
 
 
 class SchedulerConfig(Section):
@@ -147,7 +208,14 @@ class TamiyoConfig(Section):
     itself.  The blueprints, the parameter budget and ``max_delta_ratio`` were set later, for
     the default job's seed on ``flatten`` (docs/growth-sweep.md)."""
 
+    #: ``heuristic``, ``learned`` (the academy's network: ACADEMY.md §1) or ``module:Class``.
     policy: str = "heuristic"
+    #: The learned policy's version (``v3``); None: the academy's champion.
+    policy_version: str | None = Field(None, pattern=r"^v\d+$")
+    #: The learned policy samples from ``softmax(scores / temperature)``: exploration, and a
+    #: propensity for the replay buffer.  0: greedy (evaluation).  Scores are reward
+    #: estimates (a good graft scores ~0.1), so small values already explore.
+    temperature: float = Field(0.02, ge=0.0)
     #: Epochs without ``plateau_min_delta`` improvement in validation loss = plateau.
     plateau_patience: int = Field(1, ge=1)
     plateau_min_delta: float = Field(0.05, ge=0.0)
@@ -201,6 +269,15 @@ class TamiyoConfig(Section):
     outcome_horizon: int = Field(3, ge=1)
 
 
+class AcademyConfig(Section):
+    """Where the academy keeps what runs teach it (docs/academy.md)."""
+
+    #: The academy directory (replay buffer, policy versions); None: ``<run.runs_root>/academy``.
+    dir: str | None = None
+    #: Record every run with a run directory in the replay buffer (decision points, outcomes).
+    replay: bool = True
+
+
 class TolariaConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -210,6 +287,13 @@ class TolariaConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     kasmina: KasminaConfig = Field(default_factory=KasminaConfig)
     tamiyo: TamiyoConfig = Field(default_factory=TamiyoConfig)
+    academy: AcademyConfig = Field(default_factory=AcademyConfig)
+
+    def academy_dir(self) -> Path:
+        """``academy.dir``, or the default beside the runs: ``<run.runs_root>/academy``."""
+        if self.academy.dir is not None:
+            return Path(self.academy.dir)
+        return Path(self.run.runs_root) / "academy"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -236,6 +320,8 @@ RESUMABLE_FIELDS = frozenset({
     "run.epochs",
     "run.progress",
     "run.tensorboard",
+    "run.csv",
+    "run.mlflow",
     "run.num_threads",
     "run.callbacks",
     "checkpoint.every_epochs",
@@ -365,11 +451,19 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
+#: Keys an earlier release took, and what took their place: an old config names its fix.
+REPLACED_KEYS = {
+    "run.amp": "run.precision (amp: true was bf16 autocast on CUDA: precision: bf16)",
+}
+
+
 def _describe(exc: ValidationError, source: str) -> str:
     problems = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or "<top level>"
-        if error["type"] == "extra_forbidden":
+        if where in REPLACED_KEYS and error["type"] == "extra_forbidden":
+            problems.append(f"{where}: replaced by {REPLACED_KEYS[where]}")
+        elif error["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown key")
         else:
             problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")

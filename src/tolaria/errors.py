@@ -52,3 +52,21 @@ class RunMismatch(ConfigError):
 
 class RunWriteError(TolariaError):
     """A file of the run could not be written: a full disk, a read-only or vanished folder."""
+
+
+class ReplayError(TolariaError):
+    """The academy's replay buffer cannot be opened or written: a file that is not ours, a
+    newer schema, a full disk, a lock held past the timeout."""
+
+    exit_code = 2
+
+
+class ReplaySchemaError(ReplayError):
+    """The replay buffer's file is of a newer schema, or not a replay buffer at all: this
+    Tolaria must not write it."""
+
+
+class PolicyVersionError(TolariaError):
+    """A policy version of the academy is missing, corrupt, or cannot be made champion."""
+
+    exit_code = 2

@@ -12,7 +12,8 @@ smaller).
 Order within one epoch::
 
     epoch_start -> batch_end (per batch) -> train_end -> validation_end
-    -> packet_assembled -> [decision, outcome, incident, germination_failed]
+    -> packet_assembled -> [decision_point, decision, outcome, growth_outcome, incident,
+    germination_failed]
     -> signal_received -> adaptation (per seed command)
     -> rollback | (optimizer_rebuild, checkpoint_saved) -> epoch_end
 
@@ -40,6 +41,9 @@ class Event(enum.StrEnum):
     OUTCOME = "outcome"
     INCIDENT = "incident"
     GERMINATION_FAILED = "germination_failed"
+    #: The growth choice of an epoch and, once its graft is settled, what came of it.
+    DECISION_POINT = "decision_point"
+    GROWTH_OUTCOME = "growth_outcome"
     SIGNAL_RECEIVED = "signal_received"
     ADAPTATION = "adaptation"
     ROLLBACK = "rollback"
@@ -68,6 +72,8 @@ class Callback:
     def on_outcome(self, trainer: Any, record: Any) -> None: ...
     def on_incident(self, trainer: Any, record: Any) -> None: ...
     def on_germination_failed(self, trainer: Any, record: Any) -> None: ...
+    def on_decision_point(self, trainer: Any, record: Any) -> None: ...
+    def on_growth_outcome(self, trainer: Any, record: Any) -> None: ...
     def on_signal_received(self, trainer: Any, record: Any) -> None: ...
     def on_adaptation(self, trainer: Any, record: Any) -> None: ...
     def on_rollback(self, trainer: Any, record: Any) -> None: ...

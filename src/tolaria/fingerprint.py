@@ -78,16 +78,9 @@ class RunFingerprint:
     state_is_private = True  # a new dict of strings on every call
 
     def __init__(self, config: TolariaConfig, data: DataBundle, model: nn.Module) -> None:
-        sections = config.model_dump(mode="json")
-        settings = {
-            f"{name}.{key}": json.dumps(value, sort_keys=True)
-            for name in EXACT_SECTIONS
-            for key, value in sections[name].items()
-            if key not in INERT_FIELDS.get(name, ())
-        }
         self.values: dict[str, str] = {
             "run.seed": str(config.run.seed),
-            **settings,
+            **_settings(config),
             "data content": "/".join(dataset_digest(d) for d in (data.train, data.val, data.test)),
             "model architecture": _architecture(model),
         }
@@ -96,8 +89,14 @@ class RunFingerprint:
         return dict(self.values)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        changed = sorted(k for k in self.values.keys() | state.keys()
-                         if state.get(k) != self.values.get(k))
+        # A field the checkpoint predates (added by a later Tolaria) changes nothing while it
+        # holds its default: new fields default to the old behaviour.
+        defaults = _settings(TolariaConfig())
+        changed = sorted(
+            k for k in self.values.keys() | state.keys()
+            if state.get(k) != self.values.get(k)
+            and not (k not in state and k in defaults and defaults[k] == self.values[k])
+        )
         if changed:
             shown = ", ".join(_describe(k, state.get(k), self.values.get(k)) for k in changed[:4])
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
@@ -106,6 +105,16 @@ class RunFingerprint:
                 "resuming would not reproduce it (start a new run, or resume --set only the "
                 "fields that are safe to change)"
             )
+
+
+def _settings(config: TolariaConfig) -> dict[str, str]:
+    sections = config.model_dump(mode="json")
+    return {
+        f"{name}.{key}": json.dumps(value, sort_keys=True)
+        for name in EXACT_SECTIONS
+        for key, value in sections[name].items()
+        if key not in INERT_FIELDS.get(name, ())
+    }
 
 
 def _describe(key: str, saved: str | None, live: str | None) -> str:

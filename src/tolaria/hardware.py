@@ -19,19 +19,30 @@ from tolaria.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"``/``"cuda:N"`` without CUDA, or
+    without an N-th GPU, is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"run.device={name!r}: CUDA is not available (this torch build "
-                f"{torch.__version__} sees no GPU); use 'auto' or 'cpu'"
-            )
-        return torch.device("cuda")
-    raise ConfigError(f"run.device={name!r}: expected 'auto', 'cpu' or 'cuda'")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type != "cuda":
+        raise ConfigError(f"run.device={name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"run.device={name!r}: CUDA is not available (this torch build "
+            f"{torch.__version__} sees no GPU); use 'auto' or 'cpu'"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(
+            f"run.device={name!r}: this machine has {count} CUDA device(s), "
+            f"cuda:0 to cuda:{count - 1}"
+        )
+    return device
 
 
 def cpu_model_name() -> str:

@@ -184,6 +184,46 @@ class GerminationFailed(EventRecord):
     error: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class DecisionPoint(EventRecord):
+    """An epoch end where growth was possible, and what the policy chose (waits included):
+    the replay buffer's row (:mod:`tolaria.tamiyo.growth`).  Not in ``events.jsonl``: the
+    raw observation is kilobytes, and ``replay.sqlite`` keeps it."""
+
+    kind = Event.DECISION_POINT
+    logged = False
+    #: ``p<n>``, unique for the run: ids survive a rollback, so none is used twice.
+    point_id: str
+    slot: int
+    policy: str
+    policy_version: str | None
+    observation: Mapping[str, Any]
+    #: ``{seed_id, blueprint, param_cost, penalty, forbidden, kind, receptive_field}``.
+    candidates: tuple[Mapping[str, Any], ...]
+    #: 0: wait; i: ``candidates[i - 1]``.
+    chosen: int
+    propensity: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrowthOutcome(EventRecord):
+    """What came of a decision point's graft, once settled."""
+
+    kind = Event.GROWTH_OUTCOME
+    point_id: str
+    seed_id: str
+    blueprint: str
+    #: ``fossilized``, ``culled``, ``germination_failed``, or ``rolled_back`` (a rollback
+    #: went back to before the graft).
+    result: str
+    #: The counterfactual gain at judgement (None: settled before it was measured).
+    gain_accuracy: float | None
+    gain_loss: float | None
+    param_cost: int
+    epochs_occupied: int
+    incidents: int
+
+
 # -- acting on the signal ------------------------------------------------------------------
 
 
@@ -220,7 +260,8 @@ class CheckpointSaved(EventRecord):
 
 #: The records Tamiyo's event sink produces, by the kind it names.
 CONTROLLER_RECORDS: Mapping[str, type[EventRecord]] = {
-    r.kind.value: r for r in (DecisionLogged, Outcome, Incident, GerminationFailed)
+    r.kind.value: r
+    for r in (DecisionLogged, Outcome, Incident, GerminationFailed, DecisionPoint, GrowthOutcome)
 }
 
 

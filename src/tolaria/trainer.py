@@ -49,14 +49,12 @@ from tolaria.hosts import count_parameters
 from tolaria.kasmina import ablated
 from tolaria.optim import DynamicOptimizerManager
 from tolaria.rundir import RunDirectory, attach_run_directory
+from tolaria.stepping import AccumulationWindows, BatchStepper, Precision
 from tolaria.summary import run_summary
 
 #: Batches between checks of the running loss for NaN/inf.  Each check is one host sync;
 #: this keeps it far from every batch while still stopping a diverged epoch early.
 NONFINITE_CHECK_INTERVAL = 32
-
-#: Reusable "no autocast" context: one object instead of one per batch.
-_NO_AUTOCAST = contextlib.nullcontext()
 
 
 class TolariaTrainer:
@@ -76,22 +74,26 @@ class TolariaTrainer:
         if config.run.num_threads:
             torch.set_num_threads(config.run.num_threads)
         self.device = resolve_device(config.run.device)
+        self.precision = Precision(config.run.precision, self.device)
         self.model = model.to(self.device)
         self.tamiyo = tamiyo
         self.data = data if data is not None else load_data(config.data, config.run.seed)
         self.loaders = make_loaders(self.data, config.data, config.run.seed)
         self.train_loader, self.val_loader = self.loaders.train, self.loaders.val
         self.loss_fn = nn.CrossEntropyLoss()
-        self.amp = config.run.amp and self.device.type == "cuda"
         # Loaders yield CPU tensors: only another device needs a copy per batch.
         self._move_batches = self.device.type != "cpu"
 
-        steps = len(self.train_loader)
+        windows = AccumulationWindows(len(self.loaders.train_sampler), config.data.batch_size,
+                                      config.optimizer.accumulate_batches)
+        steps = windows.steps_per_epoch  # optimizer steps: what the LR schedule counts
         self.optimizer_manager: OptimizerManager = DynamicOptimizerManager(
             self.model, config.optimizer, config.scheduler,
             total_steps=config.run.epochs * steps, steps_per_epoch=steps,
         )
         self.optimizer = self.optimizer_manager.get_optimizer()
+        self.stepper = BatchStepper(self.optimizer_manager, windows, config.optimizer,
+                                    self.precision.grad_scaler())
         self.hardware_monitor = HardwareMonitor(self.device)
         self.snapshots = SnapshotRing(config.checkpoint.memory_snapshots)
         # Only now, with everything above built: a mistake in any of it leaves no directory.
@@ -108,9 +110,11 @@ class TolariaTrainer:
             "rng": RngState(),
             "data_order": self.loaders.train_sampler,
         }
+        if self.stepper.grad_scaler is not None:  # fp16 only: other checkpoints keep their layout
+            self.components["grad_scaler"] = self.stepper.grad_scaler
 
         self.current_epoch = 0
-        self.global_step = 0
+        self.global_step = 0  # optimizer steps (one per optimizer.accumulate_batches batches)
         self.rollbacks = 0
         self.best_val_accuracy = -math.inf
         self.params_initial = count_parameters(self.model)
@@ -215,13 +219,10 @@ class TolariaTrainer:
                 y = y.to(self.device, non_blocking=True)
             with self._autocast():
                 loss = self.loss_fn(self.model(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer_manager.after_optimizer_step()
+            if self.stepper(loss, batches):  # backward; True when it took an optimizer step
+                self.global_step += 1
             loss_sum += loss.detach().float()
             batches += 1
-            self.global_step += 1
             if batch_listeners:
                 self.callbacks.emit(self, records.BatchEnd(
                     epoch=self.current_epoch, attempt=attempt, batch=batches - 1,
@@ -259,9 +260,7 @@ class TolariaTrainer:
         return metrics[0], dict(zip(counterfactual_ids, metrics[1:], strict=True))
 
     def _autocast(self):
-        if self.amp:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return _NO_AUTOCAST
+        return self.precision.autocast()
 
     # ------------------------------------------------------------------ end-of-epoch hook
     def _assemble_system_state(

@@ -29,10 +29,17 @@ from tolaria.registry import Registry
 ChunkShape = tuple[int, ...]
 
 
+#: What a learned policy knows of a blueprint beside its cost (descriptors, not ids, so a
+#: blueprint registered later can still be scored).
+BLUEPRINT_KINDS = ("mlp", "low_rank", "conv", "gate", "other")
+
+
 class Blueprint(ABC):
-    """A named recipe for a delta module.  Subclasses set ``name`` and implement ``build``."""
+    """A named recipe for a delta module.  Subclasses set ``name`` and implement ``build``;
+    ``kind`` (one of :data:`BLUEPRINT_KINDS`) and ``receptive_field`` describe it."""
 
     name: str = ""
+    kind: str = "other"
 
     @abstractmethod
     def build(self, chunk_shape: ChunkShape, **kwargs: Any) -> nn.Module:
@@ -41,6 +48,10 @@ class Blueprint(ABC):
     def supports(self, chunk_shape: ChunkShape) -> bool:
         """Whether ``build`` can fit a chunk of this per-sample shape."""
         return len(chunk_shape) >= 1
+
+    def receptive_field(self, chunk_shape: ChunkShape, **kwargs: Any) -> float:
+        """Fraction of the chunk one output of the delta reads (1: all of it)."""
+        return 1.0
 
     def param_cost(self, chunk_shape: ChunkShape, **kwargs: Any) -> int:
         """Scalar parameters ``build(chunk_shape, **kwargs)`` creates."""
@@ -80,6 +91,7 @@ class ResidualMLP(Blueprint):
     """
 
     name = "residual_mlp"
+    kind = "mlp"
 
     def build(
         self, chunk_shape: ChunkShape, hidden: int | None = None, ratio: float = 2.0
@@ -101,6 +113,7 @@ class LowRank(Blueprint):
     """
 
     name = "low_rank"
+    kind = "low_rank"
 
     def build(self, chunk_shape: ChunkShape, rank: int | None = None) -> nn.Module:
         c, r = chunk_shape[0], _width(chunk_shape, rank, 0.25)
@@ -120,6 +133,12 @@ class _ConvResidual(Blueprint):
 
     spatial_dims: int
     conv: type[nn.Module]
+    kind = "conv"
+
+    def receptive_field(self, chunk_shape: ChunkShape, **kwargs: Any) -> float:
+        # Two stacked k-wide convolutions see 2k - 1 positions along each spatial axis.
+        span = 2 * kwargs.get("kernel_size", 3) - 1
+        return math.prod(min(1.0, span / n) for n in chunk_shape[1:])
 
     def supports(self, chunk_shape: ChunkShape) -> bool:
         return len(chunk_shape) == 1 + self.spatial_dims
@@ -181,6 +200,10 @@ class SignalConv1d(Blueprint):
     """
 
     name = "signal_conv1d"
+    kind = "conv"
+
+    def receptive_field(self, chunk_shape: ChunkShape, **kwargs: Any) -> float:
+        return min(1.0, (2 * kwargs.get("kernel_size", 5) - 1) / chunk_shape[0])
 
     def supports(self, chunk_shape: ChunkShape) -> bool:
         return len(chunk_shape) == 1
@@ -213,6 +236,7 @@ class SqueezeExcitation(Blueprint):
     """
 
     name = "se_gate"
+    kind = "gate"
 
     def build(
         self, chunk_shape: ChunkShape, hidden: int | None = None, reduction: int = 4

@@ -30,6 +30,7 @@ saved one would have taken.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,12 +47,17 @@ from tolaria.contracts import (
 )
 from tolaria.errors import BlueprintError, CheckpointError, ConfigError, RepeatedFailureError
 from tolaria.kasmina import KasminaSeed, available_blueprints, collect_telemetry, get_blueprint
-from tolaria.tamiyo.decisions import DecisionLog
+from tolaria.tamiyo.decisions import DecisionLog, GrowthLedger
 from tolaria.tamiyo.emergency import Emergency, EmergencyDetector, IncidentMemory
+from tolaria.tamiyo.growth import GrowthPoint, growth_points
 from tolaria.tamiyo.policy import Decision, GraftOption, Observation, Policy, SeedView, make_policy
 
-#: 2: the plateau tracker moved into the policy's own state.
-STATE_VERSION = 2
+#: 2: the plateau tracker moved into the policy's own state.  3: the loss history and the
+#: growth ledger joined it (a version-2 state loads with both empty).
+STATE_VERSION = 3
+
+#: Epochs of (training loss, validation loss, accuracy) an observation carries.
+HISTORY_EPOCHS = 8
 
 
 def _discard(kind: str, **fields: Any) -> None:
@@ -65,6 +71,8 @@ class Plan:
     observation: Observation
     decisions: tuple[Decision, ...] = ()
     emergency: Emergency | None = None
+    #: The growth choices the decisions amount to (the replay buffer's decision points).
+    points: tuple[GrowthPoint, ...] = ()
 
 
 class TamiyoController:
@@ -79,6 +87,7 @@ class TamiyoController:
         host_parameters: int,
         event_sink: Callable[..., None] | None = None,
         policy: Policy | None = None,
+        epochs_total: int = 0,
     ) -> None:
         if num_classes < 2:
             raise ConfigError(f"TamiyoController: num_classes must be >= 2, got {num_classes}")
@@ -91,6 +100,7 @@ class TamiyoController:
         self.config = config
         self.kasmina_config = kasmina_config
         self.num_classes = num_classes
+        self.host_parameters, self.epochs_total = host_parameters, epochs_total
         self.param_budget = int(config.param_budget_fraction * host_parameters)
         self.policy = policy if policy is not None else make_policy(config)
         #: ``sink(kind, **fields)`` for decisions, outcomes and incidents (the trainer's).
@@ -102,6 +112,9 @@ class TamiyoController:
         self.detector = self._new_detector()
         self.incidents = IncidentMemory()
         self.decisions = DecisionLog(self._emit, config.outcome_horizon)
+        self.growth = GrowthLedger(self._emit)
+        self.history: deque[tuple[float, float, float]] = deque(maxlen=HISTORY_EPOCHS)
+        self._modules: list[str] = []  # seeded modules, in registration order
 
     def _new_detector(self) -> EmergencyDetector:
         cfg = self.config
@@ -123,6 +136,9 @@ class TamiyoController:
         if seed.seed_id in self._seeds:
             raise ValueError(f"seed {seed.seed_id!r} is already registered")
         self._seeds[seed.seed_id] = seed
+        module = seed.seed_id.rpartition(".")[0]
+        if module not in self._modules:
+            self._modules.append(module)
 
     def check_grafts(self) -> None:
         """Build every configured blueprint once on every chunk shape the seeds have (after
@@ -187,6 +203,9 @@ class TamiyoController:
         """
         emergency = self.detector.check(packet)
         if emergency is None:
+            self.history.append(
+                (packet.training_loss, packet.validation_loss, packet.validation_accuracy)
+            )
             self.decisions.resolve_due(
                 packet.current_epoch, packet.validation_loss, packet.validation_accuracy
             )
@@ -204,6 +223,8 @@ class TamiyoController:
                 telemetry=packet.health_map.get(seed_id),
                 options=self._graft_options(seed),
                 implicated=self.incidents.is_forbidden(seed_id, seed.blueprint_name),
+                chunk_shape=tuple(seed.chunk_shape) if seed.chunk_shape else None,
+                depth=self._depth(seed_id),
             )
             for seed_id, seed in self._seeds.items()
         )
@@ -212,13 +233,23 @@ class TamiyoController:
             seeds=views,
             param_budget_left=self.param_budget - grafted,
             emergency=emergency,
+            history=tuple(self.history),
+            epochs_total=self.epochs_total,
+            host_params=self.host_parameters,
+            param_budget=self.param_budget,
         )
+
+    def _depth(self, seed_id: str) -> float:
+        index = self._modules.index(seed_id.rpartition(".")[0])
+        return index / (len(self._modules) - 1) if len(self._modules) > 1 else 0.0
 
     def decide(self, observation: Observation) -> Plan:
         """Pure: no seed, memory or log changes; the same observation and state, the same plan."""
         if observation.emergency is not None:
             return Plan(observation, emergency=observation.emergency)
-        return Plan(observation, decisions=tuple(self.policy.decide(observation)))
+        decisions = tuple(self.policy.decide(observation))
+        points = growth_points(observation, self.config, decisions, self.policy)
+        return Plan(observation, decisions=decisions, points=points)
 
     def apply(self, plan: Plan) -> AdaptationSignal:
         """Carry out ``plan``: command the seeds, log each decision, update the memories."""
@@ -226,6 +257,16 @@ class TamiyoController:
         if plan.emergency is not None:
             return self._on_emergency(plan.emergency, observation.packet)
         before = self._trainable_signature()
+        if plan.points:
+            raw = observation.to_dict()
+            for point in plan.points:
+                self.growth.record(
+                    point,
+                    epoch=observation.packet.current_epoch,
+                    observation=raw,
+                    policy=self.config.policy,
+                    policy_version=getattr(self.policy, "version", None),
+                )
         adaptations: list[Adaptation] = []
         failed: set[str] = set()
         for decision in plan.decisions:
@@ -247,15 +288,21 @@ class TamiyoController:
         if seed.state is not SeedState.DORMANT or seed.chunk_shape is None:
             return ()
         options = []
+        shape = tuple(seed.chunk_shape)
         for name in self.config.blueprints:
-            cost = self._param_cost(name, tuple(seed.chunk_shape))
+            cost = self._param_cost(name, shape)
             if cost is not None:
+                blueprint = get_blueprint(name)
                 options.append(
                     GraftOption(
                         blueprint=name,
                         param_cost=cost,
                         penalty=self.penalties.get((seed.seed_id, name), 0.0),
                         forbidden=self.incidents.is_forbidden(seed.seed_id, name),
+                        kind=blueprint.kind,
+                        receptive_field=blueprint.receptive_field(
+                            shape, **self.config.blueprint_kwargs.get(name, {})
+                        ),
                     )
                 )
         return tuple(options)
@@ -288,6 +335,7 @@ class TamiyoController:
                 seed.germinate(blueprint, epoch=epoch, reason=decision.reason, **kwargs)
             except BlueprintError as exc:
                 self._penalise(seed.seed_id, blueprint)
+                self.growth.settle(seed.seed_id, "germination_failed", epoch=epoch)
                 self._emit(
                     "germination_failed",
                     epoch=epoch,
@@ -300,6 +348,10 @@ class TamiyoController:
             seed.transition(decision.to_state, epoch=epoch, reason=decision.reason)
             if decision.to_state is SeedState.CULLED and blueprint is not None:
                 self._penalise(seed.seed_id, blueprint)
+            if decision.to_state in (SeedState.CULLED, SeedState.FOSSILIZED):
+                self.growth.settle(
+                    seed.seed_id, decision.to_state.value, epoch=epoch, evidence=decision.evidence
+                )
 
         view = next(v for v in observation.seeds if v.seed_id == seed.seed_id)
         self.decisions.record(
@@ -357,6 +409,7 @@ class TamiyoController:
             | {(r.seed_id, r.blueprint) for r in suspects if r.blueprint and r.action != "culled"}
         )
         count = self.incidents.record(emergency, grafts)
+        self.growth.implicate({seed_id for seed_id, _ in grafts})
         self._emit(
             "incident",
             epoch=emergency.epoch,
@@ -388,6 +441,7 @@ class TamiyoController:
         caused it; replaying it unchanged would replay the failure bit for bit.  Every seed
         on trial whose graft is forbidden is culled now, before the epoch runs again.
         """
+        self.growth.close_undone(restored_epoch)
         adaptations = []
         for seed_id, seed in self._seeds.items():
             blueprint = seed.blueprint_name
@@ -396,6 +450,7 @@ class TamiyoController:
                 from_state = seed.state
                 seed.transition(SeedState.CULLED, epoch=restored_epoch, reason=reason)
                 self._penalise(seed_id, blueprint)
+                self.growth.settle(seed_id, "culled", epoch=restored_epoch)
                 adaptations.append(
                     Adaptation(seed_id, from_state, SeedState.CULLED, reason, blueprint)
                 )
@@ -416,6 +471,8 @@ class TamiyoController:
             "detector": self.detector.state_dict(),
             "incidents": self.incidents.state_dict(),
             "decisions": self.decisions.state_dict(),
+            "history": [list(h) for h in self.history],
+            "growth": self.growth.state_dict(),
         }
 
     #: The design's name (§3.1, §6.2) for :meth:`state_dict`.
@@ -428,7 +485,7 @@ class TamiyoController:
         raises ``CheckpointError`` and leaves the controller as it was.
         """
         try:
-            if state["version"] != STATE_VERSION:
+            if state["version"] not in (2, STATE_VERSION):
                 raise CheckpointError(
                     f"tamiyo state version {state['version']!r}, expected {STATE_VERSION}"
                 )
@@ -445,8 +502,11 @@ class TamiyoController:
             decisions = DecisionLog(self._emit, self.config.outcome_horizon)
             for log in (self.decisions.state_dict(), state["decisions"]):
                 decisions.merge_state_dict(log)
+            history = deque((tuple(h) for h in state.get("history", ())), maxlen=HISTORY_EPOCHS)
+            growth = self.growth.restored(state.get("growth", GrowthLedger(None).state_dict()))
             self.policy.load_state_dict(state["policy"])  # last: it may fail half-way
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"tamiyo state is malformed: {exc!r}") from None
         self.penalties, self._health = penalties, health
         self.detector, self.incidents, self.decisions = detector, incidents, decisions
+        self.history, self.growth = history, growth

@@ -14,7 +14,7 @@ is never reused and no outcome is written twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -129,3 +129,118 @@ class DecisionLog:
         self.pending = [
             DecisionRecord(**r) for r in state["pending"] if r["decision_id"] not in self.resolved
         ]
+
+
+@dataclass
+class _OpenPoint:
+    seed_id: str
+    blueprint: str
+    epoch: int
+    param_cost: int
+    incidents: int = 0
+
+
+class GrowthLedger:
+    """Decision points (:mod:`tolaria.tamiyo.growth`) and the grafts they still await.
+
+    Each point is written once as a ``decision_point`` event with id ``p<n>``; a point that
+    grafted stays open until its seed is fossilized or culled, then a ``growth_outcome``
+    event closes it with the counterfactual gain, the incidents it was implicated in and
+    the epochs it occupied.  Like :class:`DecisionLog`, a restore merges: ids and closed
+    points survive it, incident counts only grow, and a point the restored state predates
+    (the rollback went back before its graft) is closed as ``rolled_back``.
+    """
+
+    def __init__(self, event_sink: EventSink) -> None:
+        self._emit = event_sink
+        self.open: dict[str, _OpenPoint] = {}
+        self.closed: set[str] = set()
+        self.next_id = 0
+        self.undone: dict[str, _OpenPoint] = {}
+
+    def record(
+        self, point: Any, *, epoch: int, observation: dict[str, Any], **about: Any
+    ) -> None:
+        """Log ``point`` (a ``GrowthPoint``); ``about``: policy and policy_version."""
+        point_id = f"p{self.next_id}"
+        self.next_id += 1
+        self._emit(
+            "decision_point",
+            epoch=epoch,
+            point_id=point_id,
+            slot=point.slot,
+            observation=observation,
+            candidates=tuple(c.to_dict() for c in point.candidates),
+            chosen=point.chosen,
+            propensity=point.propensity,
+            **about,
+        )
+        if point.chosen:
+            graft = point.candidates[point.chosen - 1]
+            self.open[point_id] = _OpenPoint(
+                graft.seed.seed_id, graft.option.blueprint, epoch, graft.option.param_cost
+            )
+
+    def implicate(self, seed_ids: set[str]) -> None:
+        for point in self.open.values():
+            if point.seed_id in seed_ids:
+                point.incidents += 1
+
+    def settle(
+        self, seed_id: str, result: str, *, epoch: int, evidence: Mapping[str, float] | None = None
+    ) -> None:
+        """Close the open point whose graft on ``seed_id`` just ended with ``result``."""
+        for point_id, point in list(self.open.items()):
+            if point.seed_id == seed_id:
+                self._close(point_id, result, epoch, evidence or {})
+
+    def _close(
+        self, point_id: str, result: str, epoch: int, evidence: Mapping[str, float]
+    ) -> None:
+        point = self.open.pop(point_id)
+        self.closed.add(point_id)
+        self._emit(
+            "growth_outcome",
+            epoch=epoch,
+            point_id=point_id,
+            seed_id=point.seed_id,
+            blueprint=point.blueprint,
+            result=result,
+            gain_accuracy=evidence.get("gain_accuracy"),
+            gain_loss=evidence.get("gain_loss"),
+            param_cost=point.param_cost,
+            epochs_occupied=epoch - point.epoch,
+            incidents=point.incidents,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "open": {pid: asdict(p) for pid, p in self.open.items()},
+            "closed": sorted(self.closed, key=lambda p: int(p[1:])),
+            "next_id": self.next_id,
+        }
+
+    def restored(self, state: Mapping[str, Any]) -> GrowthLedger:
+        """The ledger once ``state`` is restored over this one.  Its ``undone`` points -- open
+        here, unknown to ``state``: the rollback went back before their graft -- are closed
+        by :meth:`close_undone` when the controller applies the rollback."""
+        ledger = GrowthLedger(self._emit)
+        ledger.next_id = max(self.next_id, int(state["next_id"]))
+        ledger.closed = self.closed | set(state["closed"])
+        for point_id, fields in state["open"].items():
+            if point_id not in self.closed:
+                point = _OpenPoint(**fields)
+                live = self.open.get(point_id)
+                point.incidents = max(point.incidents, live.incidents if live else 0)
+                ledger.open[point_id] = point
+        ledger.undone = {
+            pid: p for pid, p in self.open.items()
+            if pid not in ledger.open and pid not in ledger.closed
+        }
+        return ledger
+
+    def close_undone(self, epoch: int) -> None:
+        for point_id, point in self.undone.items():
+            self.open[point_id] = point
+            self._close(point_id, "rolled_back", epoch, {})
+        self.undone = {}

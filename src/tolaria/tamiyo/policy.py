@@ -34,9 +34,10 @@ registered name or as ``module:Class``; the class is called with the ``TamiyoCon
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from tolaria.config import TamiyoConfig
@@ -45,6 +46,7 @@ from tolaria.errors import ConfigError
 from tolaria.plugins import check_kwargs, construct
 from tolaria.registry import Registry
 from tolaria.tamiyo.emergency import Emergency
+from tolaria.tamiyo.growth import candidates, growth_slots
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class GraftOption:
     penalty: float = 0.0
     #: Implicated in an incident: never graft it here again.
     forbidden: bool = False
+    #: The blueprint's descriptors (``Blueprint.kind``, ``Blueprint.receptive_field``).
+    kind: str = "other"
+    receptive_field: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,35 @@ class SeedView:
     options: tuple[GraftOption, ...] = ()
     #: Holds a blueprint implicated in an incident.
     implicated: bool = False
+    #: Per-sample shape of the seed's chunk (None until a forward pass taught it).
+    chunk_shape: tuple[int, ...] | None = None
+    #: Position of the seed's module among the seeded modules: 0 first (input side), 1 last.
+    depth: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **{f: getattr(self, f) for f in _SEED_VIEW_SCALARS},
+            "state": self.state.value,
+            "telemetry": self.telemetry.to_dict() if self.telemetry else None,
+            "options": [asdict(o) for o in self.options],
+            "chunk_shape": list(self.chunk_shape) if self.chunk_shape else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SeedView:
+        telemetry = data["telemetry"]
+        return cls(
+            **{f: data[f] for f in _SEED_VIEW_SCALARS},
+            state=SeedState(data["state"]),
+            telemetry=SeedTelemetry.from_dict(telemetry) if telemetry else None,
+            options=tuple(GraftOption(**o) for o in data["options"]),
+            chunk_shape=tuple(data["chunk_shape"]) if data["chunk_shape"] else None,
+        )
+
+
+_SEED_VIEW_SCALARS = (
+    "seed_id", "epochs_in_state", "alpha", "blueprint", "param_count", "implicated", "depth"
+)
 
 
 @dataclass(frozen=True)
@@ -84,6 +118,34 @@ class Observation:
     param_budget_left: int
     #: What the emergency check found; the controller then rolls back, no policy asked.
     emergency: Emergency | None = None
+    #: ``(training_loss, validation_loss, validation_accuracy)`` of the last epochs, this
+    #: one last: the trend a policy may read without memory of its own.
+    history: tuple[tuple[float, float, float], ...] = ()
+    #: The run's planned epochs, the host's own parameters and the growth budget (0: unknown).
+    epochs_total: int = 0
+    host_params: int = 0
+    param_budget: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The raw observation as JSON (a replay buffer stores it; encoders may change)."""
+        return {
+            "packet": self.packet.to_dict(),
+            "seeds": [s.to_dict() for s in self.seeds],
+            "history": [list(h) for h in self.history],
+            **{f: getattr(self, f) for f in _OBSERVATION_SCALARS},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Observation:
+        return cls(
+            packet=SystemStatePacket.from_dict(data["packet"]),
+            seeds=tuple(SeedView.from_dict(s) for s in data["seeds"]),
+            history=tuple(tuple(h) for h in data["history"]),
+            **{f: data[f] for f in _OBSERVATION_SCALARS},
+        )
+
+
+_OBSERVATION_SCALARS = ("param_budget_left", "epochs_total", "host_params", "param_budget")
 
 
 @dataclass(frozen=True)
@@ -111,48 +173,16 @@ class Policy(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-class HeuristicPolicy:
-    """Plateau-triggered growth, health-guided placement, counterfactual judgement."""
+class LifecycleGates:
+    """Step 1 of every built-in policy: the seeds on trial advance, fossilize or are culled
+    by rule (evidence, age, the counterfactual on validation) -- safety is never learned."""
 
     def __init__(self, config: TamiyoConfig) -> None:
         self.config = config
-        #: Plateau tracking: the best validation loss, and epochs since it improved.
-        self.best_validation_loss = math.inf
-        self.epochs_since_improvement = 0
 
     def decide(self, observation: Observation) -> list[Decision]:
-        decisions = [d for s in observation.seeds if (d := self._advance(s, observation))]
-        culled = sum(d.to_state is SeedState.CULLED for d in decisions)
-        on_trial = sum(s.state.is_active for s in observation.seeds) - culled
-        decisions += self._grow(observation, on_trial)
-        return decisions
+        return [d for s in observation.seeds if (d := self._advance(s, observation))]
 
-    def update(self, observation: Observation, applied: Sequence[Adaptation]) -> None:
-        self.best_validation_loss, self.epochs_since_improvement = self._plateau(
-            observation.packet
-        )
-        if any(a.to_state is SeedState.GERMINATED for a in applied):
-            self.epochs_since_improvement = 0  # the graft answers this plateau
-
-    def _plateau(self, packet: SystemStatePacket) -> tuple[float, int]:
-        """(best loss, epochs since improvement) once this packet's loss is counted."""
-        if packet.validation_loss < self.best_validation_loss - self.config.plateau_min_delta:
-            return packet.validation_loss, 0
-        return self.best_validation_loss, self.epochs_since_improvement + 1
-
-    def state_dict(self) -> dict[str, Any]:
-        best = self.best_validation_loss
-        return {
-            "best_validation_loss": best if math.isfinite(best) else None,
-            "epochs_since_improvement": self.epochs_since_improvement,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        best, stale = state["best_validation_loss"], int(state["epochs_since_improvement"])
-        self.best_validation_loss = math.inf if best is None else float(best)
-        self.epochs_since_improvement = stale
-
-    # ------------------------------------------------------------------ seeds on trial
     def _advance(self, seed: SeedView, observation: Observation) -> Decision | None:
         cfg = self.config
         if not seed.state.is_active:
@@ -209,37 +239,78 @@ class HeuristicPolicy:
             seed.seed_id, SeedState.CULLED, f"does not help: {measured}", seed.blueprint, evidence
         )
 
+
+class HeuristicPolicy:
+    """Plateau-triggered growth, health-guided placement, counterfactual judgement."""
+
+    #: The same observation and memory always give the same choice: every propensity is 1.
+    deterministic = True
+
+    def __init__(self, config: TamiyoConfig) -> None:
+        self.config = config
+        self.gates = LifecycleGates(config)
+        #: Plateau tracking: the best validation loss, and epochs since it improved.
+        self.best_validation_loss = math.inf
+        self.epochs_since_improvement = 0
+
+    def decide(self, observation: Observation) -> list[Decision]:
+        decisions = self.gates.decide(observation)
+        slots = growth_slots(observation, self.config, decisions)
+        return decisions + self._grow(observation, slots)
+
+    def update(self, observation: Observation, applied: Sequence[Adaptation]) -> None:
+        self.best_validation_loss, self.epochs_since_improvement = self._plateau(
+            observation.packet
+        )
+        if any(a.to_state is SeedState.GERMINATED for a in applied):
+            self.epochs_since_improvement = 0  # the graft answers this plateau
+
+    def _plateau(self, packet: SystemStatePacket) -> tuple[float, int]:
+        """(best loss, epochs since improvement) once this packet's loss is counted."""
+        if packet.validation_loss < self.best_validation_loss - self.config.plateau_min_delta:
+            return packet.validation_loss, 0
+        return self.best_validation_loss, self.epochs_since_improvement + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        best = self.best_validation_loss
+        return {
+            "best_validation_loss": best if math.isfinite(best) else None,
+            "epochs_since_improvement": self.epochs_since_improvement,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        best, stale = state["best_validation_loss"], int(state["epochs_since_improvement"])
+        self.best_validation_loss = math.inf if best is None else float(best)
+        self.epochs_since_improvement = stale
+
     # ------------------------------------------------------------------ growth
-    def _grow(self, observation: Observation, on_trial: int) -> list[Decision]:
+    def _grow(self, observation: Observation, slots: int) -> list[Decision]:
         cfg = self.config
         _, stale = self._plateau(observation.packet)
-        too_early = observation.packet.current_epoch < cfg.min_epochs_before_growth
-        if stale < cfg.plateau_patience or too_early:
+        if stale < cfg.plateau_patience or not slots:
             return []
-        slots = min(cfg.max_active_seeds - on_trial, cfg.max_germinations_per_epoch)
         budget = observation.param_budget_left
         dormant = [s for s in observation.seeds if s.state is SeedState.DORMANT and s.options]
         grads = [s.telemetry.grad_norm for s in dormant if s.telemetry is not None]
         grad_scale = max(grads, default=0.0)
-
-        ranked = []
-        for position, seed in enumerate(dormant):
-            health = self._unhealthiness(seed.telemetry, grad_scale)
-            for preference, option in enumerate(seed.options):
-                if not option.forbidden:
-                    ranked.append((-(health - option.penalty), position, preference, seed, option))
-        ranked.sort(key=lambda entry: entry[:3])
+        health = {s.seed_id: self._unhealthiness(s.telemetry, grad_scale) for s in dormant}
+        # A stable sort of the candidates (seed, then blueprint-preference order): ties go to
+        # the earlier seed, then the earlier blueprint.
+        ranked = sorted(
+            ((health[c.seed.seed_id] - c.option.penalty, c.seed, c.option)
+             for c in candidates(observation, budget=budget)),
+            key=lambda entry: -entry[0],
+        )
 
         decisions: list[Decision] = []
         chosen: set[str] = set()
-        for negative_score, _, _, seed, option in ranked:
+        for score, seed, option in ranked:
             if len(chosen) >= slots:
                 break
             if seed.seed_id in chosen or option.param_cost > budget:
                 continue
             chosen.add(seed.seed_id)
             budget -= option.param_cost
-            score = -negative_score
             decisions.append(
                 Decision(
                     seed.seed_id,
@@ -270,18 +341,31 @@ class HeuristicPolicy:
         )
 
 
-POLICIES: Registry[type] = Registry("policy", "tamiyo.policy")
+def _learned(config: TamiyoConfig, **context: Any) -> Policy:
+    from tolaria.tamiyo.learned import LearnedPolicy  # torch-heavy scoring only when chosen
+
+    return LearnedPolicy(config, **context)
+
+
+POLICIES: Registry[Any] = Registry("policy", "tamiyo.policy")
 POLICIES.register("heuristic", HeuristicPolicy)
+POLICIES.register("learned", _learned)
+
+#: What a policy may ask for beyond its config, by naming it as a keyword argument.
+POLICY_CONTEXT = ("seed", "academy_dir")
 
 
-def make_policy(config: TamiyoConfig) -> Policy:
-    """The policy ``tamiyo.policy`` names (registered, or ``module:Class``), built on ``config``.
+def make_policy(config: TamiyoConfig, **context: Any) -> Policy:
+    """The policy ``tamiyo.policy`` names (registered, or ``module:Class``), built on ``config``
+    and the ``context`` entries (:data:`POLICY_CONTEXT`: the run seed, the academy) its
+    constructor accepts.
 
     An unknown name and a constructor that fails are two different mistakes, reported as such.
     """
     factory = POLICIES.get(config.policy)
-    check_kwargs(factory, {}, "tamiyo.policy", positional=1)
-    policy = construct(factory, f"tamiyo.policy={config.policy!r}", config)
+    wanted = _accepted(factory, context)
+    check_kwargs(factory, wanted, "tamiyo.policy", positional=1)
+    policy = construct(factory, f"tamiyo.policy={config.policy!r}", config, **wanted)
     missing = [m for m in ("decide", "update", "state_dict", "load_state_dict")
                if not callable(getattr(policy, m, None))]
     if missing:
@@ -289,3 +373,13 @@ def make_policy(config: TamiyoConfig) -> Policy:
             f"tamiyo.policy={config.policy!r}: not a policy (lacks {', '.join(missing)})"
         )
     return policy
+
+
+def _accepted(factory: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return dict(context)
+    return {k: v for k, v in context.items() if k in parameters}

@@ -1,0 +1,191 @@
+"""Base policy v0: the candidate scorer trained on a replay campaign's logged outcomes.
+
+Each decision point whose outcome is known is one example: the chosen action's score is
+regressed on its reward (:func:`tolaria.academy.reward.reward`; wait's is 0), weighted by
+``min(1 / propensity, MAX_WEIGHT)`` so that actions the behaviour policy rarely took count as
+much as the ones it favoured (importance weighting, clipped against the variance of rare
+actions).  Only the chosen action has a target -- bandit feedback -- and the shared MLP
+carries what it learns to the others.
+
+Full-batch Adam on one CPU thread from a fixed seed: the same replay gives the same weights,
+bit for bit (``tolaria academy pretrain`` checks its rebuild against the shipped v0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tolaria.academy.campaign import CampaignSize, run_campaign
+from tolaria.tamiyo.features import encode
+from tolaria.tamiyo.growth import Candidate
+from tolaria.tamiyo.policy import Observation
+from tolaria.tamiyo.scorer import CandidateScorer
+
+#: Importance weights are clipped here: a propensity of 0.02 must not outweigh 10 others.
+MAX_WEIGHT = 10.0
+STEPS = 600
+LEARNING_RATE = 3e-3
+WEIGHT_DECAY = 1e-4
+TRAINING_SEED = 0
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A replay as tensors: ``global_features [P, G]``, every candidate's row
+    ``candidates [M, C]`` with ``point [M]``, the chosen row (-1: wait), reward and weight."""
+
+    global_features: torch.Tensor
+    candidates: torch.Tensor
+    point: torch.Tensor
+    chosen_row: torch.Tensor
+    reward: torch.Tensor
+    weight: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.reward)
+
+
+def _candidates(observation: Observation, logged: Iterable[Mapping[str, Any]]):
+    seeds = {s.seed_id: s for s in observation.seeds}
+    rebuilt = []
+    for entry in logged:
+        seed = seeds[entry["seed_id"]]
+        option = next(o for o in seed.options if o.blueprint == entry["blueprint"])
+        rebuilt.append(Candidate(seed, option))
+    return rebuilt
+
+
+def examples(points: Iterable[Mapping[str, Any]]) -> Examples:
+    """The trainable decision points: a known reward and a known propensity."""
+    g_rows, c_rows, owner, chosen_rows, rewards, weights = [], [], [], [], [], []
+    for point in points:
+        if point.get("reward") is None or not point.get("propensity"):
+            continue
+        observation = Observation.from_dict(point["observation"])
+        g, c = encode(observation, _candidates(observation, point["candidates"]))
+        index, offset = len(g_rows), sum(len(rows) for rows in c_rows)
+        g_rows.append(g)
+        c_rows.append(c)
+        owner += [index] * len(c)
+        chosen_rows.append(offset + point["chosen"] - 1 if point["chosen"] else -1)
+        rewards.append(float(point["reward"]))
+        weights.append(min(1.0 / float(point["propensity"]), MAX_WEIGHT))
+    if not g_rows:
+        raise ValueError("no decision point with a known outcome and propensity to train on")
+    return Examples(
+        torch.stack(g_rows),
+        torch.cat(c_rows),
+        torch.tensor(owner, dtype=torch.long),
+        torch.tensor(chosen_rows, dtype=torch.long),
+        torch.tensor(rewards, dtype=torch.float32),
+        torch.tensor(weights, dtype=torch.float32),
+    )
+
+
+def predicted(scorer: CandidateScorer, data: Examples) -> torch.Tensor:
+    """The scorer's estimate of each example's chosen action (wait's own head for waits)."""
+    wait, rows = scorer.score_batch(data.global_features, data.candidates, data.point)
+    chosen = rows[data.chosen_row.clamp(min=0)]
+    return torch.where(data.chosen_row >= 0, chosen, wait)
+
+
+def weighted_loss(scorer: CandidateScorer, data: Examples) -> torch.Tensor:
+    error = predicted(scorer, data) - data.reward
+    return (data.weight * error.square()).sum() / data.weight.sum()
+
+
+def train_scorer(data: Examples, *, steps: int = STEPS) -> CandidateScorer:
+    """A fresh scorer fitted to ``data``; deterministic (fixed seed, one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TRAINING_SEED)
+            scorer = CandidateScorer.build()
+            optimizer = torch.optim.Adam(
+                scorer.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, foreach=False
+            )
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                weighted_loss(scorer, data).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return scorer.eval()
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names and bytes, in name order: equal iff bit for bit equal."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def preferences(scorer: CandidateScorer, data: Examples) -> dict[str, float]:
+    """Mean score the scorer gives the campaign's candidates, by blueprint kind and by
+    input (depth 0) or hidden layer: what it learned to prefer where."""
+    from tolaria.kasmina.blueprints import BLUEPRINT_KINDS
+    from tolaria.tamiyo.features import CANDIDATE_FEATURES
+
+    with torch.no_grad():
+        _, scores = scorer.score_batch(data.global_features, data.candidates, data.point)
+    depth = data.candidates[:, CANDIDATE_FEATURES.index("depth")]
+    result = {}
+    for kind in BLUEPRINT_KINDS:
+        is_kind = data.candidates[:, CANDIDATE_FEATURES.index(f"kind_{kind}")] > 0
+        for where, at in (("input", depth == 0), ("hidden", depth > 0)):
+            chosen = is_kind & at
+            if chosen.any():
+                result[f"{kind}@{where}"] = round(float(scores[chosen].mean()), 4)
+    return result
+
+
+def pretrain(
+    out: Path,
+    size: CampaignSize,
+    *,
+    workdir: Path,
+    on_run: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the campaign in ``workdir``, train v0 on its replay, write the version to ``out``
+    (the registry's format); returns the card."""
+    from tolaria.academy.registry import write_version
+    from tolaria.academy.replay import ReplayBuffer
+
+    academy = run_campaign(workdir, size, on_run=on_run)
+    with ReplayBuffer.in_academy(academy) as replay:
+        points, by_task = replay.points(), replay.size_by_task()
+    data = examples(points)
+    started = time.perf_counter()
+    scorer = train_scorer(data)
+    tensors = {name: t.detach().clone() for name, t in scorer.state_dict().items()}
+    card = {
+        "version": "v0",
+        "parent": None,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "trained_on": {
+            "campaign": {"tasks": size.tasks, "seeds": size.seeds, "epochs": size.epochs},
+            "decision_points": by_task,
+            "examples": len(data),
+            "grafts": int((data.chosen_row >= 0).sum()),
+        },
+        "gates": {},
+        "training_s": round(time.perf_counter() - started, 3),
+        "scorer": scorer.architecture,
+        "tensors_digest": tensors_digest(tensors),
+        "loss": round(float(weighted_loss(scorer, data).detach()), 6),
+        "preferences": preferences(scorer, data),
+    }
+    return write_version(out, tensors, card)
