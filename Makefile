@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; pin it so pip never pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test lint reliability bench clean
+.PHONY: setup demo test lint reliability bench academy-v0 clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test: lint
 # `make test` runs the same drills and fails when the committed table no longer matches them.
 reliability: setup
 	TOLARIA_WRITE_RELIABILITY=1 $(BIN)/pytest -m drill
+
+# The base policy v0 shipped in the package: the replay campaign and the scorer trained on it
+# (about 6 minutes on 2 cores).  Deterministic: a rebuild gives the committed weights bit for bit.
+academy-v0: setup
+	rm -rf src/tolaria/academy/v0
+	OMP_NUM_THREADS=1 $(BIN)/tolaria academy pretrain --out src/tolaria/academy/v0
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.run_all

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     from tolaria.academy import cli as academy_cli  # import-light: handlers import the rest
 
     academy_cli.add_parser(commands)
+    from tolaria import evaluate_cli  # its own module; it imports torch only when it runs
+
+    evaluate_cli.add_parser(commands)
     return parser
 
 
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs
     try:
+        if getattr(args, "handler", None) is not None:  # commands living in their own module
+            return args.handler(args, console)
         if args.command == "config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")
             return 0
@@ -94,10 +99,6 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, console)
         if args.command == "plot":
             return _plot(args, console)
-        if args.command == "export":
-            from tolaria import export_cli
-
-            return export_cli.run(args, console)
         if args.command == "academy":
             from tolaria.academy import cli as academy_cli
 
@@ -152,8 +153,11 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
         checkpointed_epochs=_checkpointed_epochs(run_dir),
     )
     # Asked before locking: a finished run is left untouched, unless it is asked for more.
-    if _completed(run_dir.path, console) and config.run.epochs <= stored.run.epochs:
-        info.print(f"{run_dir.path} already completed its {stored.run.epochs} epochs")
+    more = (config.run.epochs > stored.run.epochs
+            or config.run.early_stopping != stored.run.early_stopping)
+    if _completed(run_dir.path, console) and not more:
+        info.print(f"{run_dir.path} already completed (to go on: resume --set run.epochs=N, "
+                      "or a looser run.early_stopping)")
         return 0
     run_dir.take()  # held until the run ends
     try:

@@ -10,6 +10,7 @@ the file, never a traceback.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,19 @@ class MLflowConfig(Section):
     experiment: str | None = None
 
 
+class EarlyStoppingConfig(Section):
+    """Stop a run whose ``checkpoint.monitor`` has stopped improving (``tolaria.selection``)."""
+
+    #: Kept epochs in a row without an improvement of more than ``min_delta`` on the best
+    #: value so far that end the run.
+    patience: int = Field(5, ge=1)
+    #: How much better than the best so far a value must be to count as an improvement.
+    min_delta: float = Field(0.0, ge=0.0)
+    #: Stop even while a seed is on trial.  Off, a run waits for its trials to end: a graft
+    #: that is still blending may be what improves the monitor next.
+    during_trials: bool = False
+
+
 class RunConfig(Section):
     name: str = "mnist1d-mlp"
     seed: int = 0
@@ -90,6 +104,8 @@ class RunConfig(Section):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     #: Your callbacks, after the built-in ones: ``["module:Class", {name: ..., kwargs: ...}]``.
     callbacks: list[CallbackConfig] = Field(default_factory=list)
+    #: Stop early on ``checkpoint.monitor`` (``{patience: 5}``); null runs every epoch.
+    early_stopping: EarlyStoppingConfig | None = None
 
     @field_validator("device")
     @classmethod
@@ -109,8 +125,9 @@ class RunConfig(Section):
 
 
 class DataConfig(Section):
-    #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once) or a
-    #: ``module:function`` returning ``(train_dataset, test_dataset, num_classes)``.
+    #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once),
+    #: ``friedman1`` (regression) or a ``module:function`` returning ``(train_dataset,
+    #: test_dataset, num_classes)`` (for regression, the number of outputs).
     dataset: str = "mnist1d"
     batch_size: int = Field(64, ge=1)
     #: Fraction of the training split held out for validation; decisions use it,
@@ -175,6 +192,15 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1)
     #: In-memory snapshots kept for fast rollback.
     memory_snapshots: int = Field(3, ge=1)
+    #: The epoch metric that picks the best checkpoint and drives early stopping, named as
+    #: in metrics.jsonl (``val_accuracy``, ``val_loss``, ``train_loss``); null keeps no best
+    #: checkpoint.  The best is kept beside the last ``keep``, whatever its epoch.
+    monitor: str | None = "val_accuracy"
+    #: Whether a larger or a smaller ``monitor`` is better; ``auto``: smaller for a loss.
+    mode: Literal["auto", "max", "min"] = "auto"
+    #: The model the summary's test metrics describe: the best checkpoint (when the run keeps
+    #: one: it needs a run directory and a monitor) or the last model.
+    test_of: Literal["best", "last"] = "best"
 
 
 class KasminaConfig(Section):
@@ -243,14 +269,16 @@ class TamiyoConfig(Section):
     #: Measured on the default job: helpful grafts ~0.5, grafts that wrecked the host 3-23.
     max_delta_ratio: float = Field(2.0, gt=0.0)
     probation_epochs: int = Field(1, ge=1)
-    #: Validation-accuracy gain (seed vs. its alpha forced to 0) needed to fossilize.
+    #: Validation-score gain (seed vs. its alpha forced to 0) needed to fossilize: accuracy
+    #: by default, the task's monitor (higher is better) in general.
     fossilize_min_gain: float = 0.0
     #: Validation-loss reduction (seed vs. its alpha forced to 0) needed to fossilize.
     fossilize_min_loss_gain: float = 1e-3
     #: Extra score subtracted from a (location, blueprint) pair each time it is culled.
     cull_penalty: float = Field(1.0, ge=0.0)
     #: Divergence from any epoch, the first included: a training or validation loss above
-    #: this multiple of the chance level ``ln(classes)`` (a uniform guess's loss).
+    #: this multiple of the chance level, the loss of an output that knows nothing (a uniform
+    #: guess, ``ln(classes)`` for cross-entropy; regression: the training targets' mean).
     chance_loss_factor: float = Field(3.0, gt=1.0)
     #: Divergence: loss above ``divergence_factor`` x the best of the last
     #: ``divergence_window`` epochs, for ``divergence_epochs`` consecutive epochs.
@@ -259,7 +287,8 @@ class TamiyoConfig(Section):
     divergence_window: int = Field(5, ge=1)
     #: Losses below this are "fitted": the divergence reference never goes lower.
     divergence_loss_floor: float = Field(0.05, ge=0.0)
-    #: Collapse: validation accuracy at or below ``1 / num_classes + collapse_margin``.
+    #: Collapse: a validation score at or below chance + this (accuracy ``1 / classes``,
+    #: R² 0; other monitors have no collapse check).
     collapse_margin: float = Field(0.02, ge=0.0)
     #: Decisions this many epochs before an incident are its suspects (never replayed).
     incident_lookback_epochs: int = Field(3, ge=0)
@@ -269,19 +298,67 @@ class TamiyoConfig(Section):
     outcome_horizon: int = Field(3, ge=1)
 
 
+#: The academy of runs whose ``academy.dir`` is null, when set.
+ACADEMY_VARIABLE = "TOLARIA_ACADEMY"
+
+
 class AcademyConfig(Section):
     """Where the academy keeps what runs teach it (docs/academy.md)."""
 
-    #: The academy directory (replay buffer, policy versions); None: ``<run.runs_root>/academy``.
+    #: The academy directory (replay buffer, policy versions); None: ``$TOLARIA_ACADEMY`` if
+    #: set (one academy for every project on a machine, or a test session's own), else
+    #: ``<run.runs_root>/academy``.
     dir: str | None = None
     #: Record every run with a run directory in the replay buffer (decision points, outcomes).
     replay: bool = True
+
+
+class MetricConfig(Section):
+    """A metric: a built-in name or ``module:attr`` (``tolaria.task``), built with ``kwargs``."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: What the metric is called in packets, records and the summary (default: the built-in's
+    #: name, or the attribute of ``module:attr``, e.g. ``MeanAbsoluteError``).
+    label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_reference(cls, value: Any) -> Any:
+        # The short form: a bare name or "module:attr" string.
+        return {"name": value} if isinstance(value, str) else value
+
+
+class TaskConfig(Section):
+    """What is learned and how it is scored (``tolaria.task``, docs/tasks.md)."""
+
+    #: ``classification`` (integer class targets, one output per class) or ``regression``
+    #: (real targets, one output per target dimension: the data's ``num_classes``).
+    kind: Literal["classification", "regression"] = "classification"
+    #: Null: the kind's default (``cross_entropy``; ``mse``).  Built-ins: ``cross_entropy``;
+    #: ``mse``, ``mae`` (or ``l1``), ``huber``.  Or ``module:attr``: a function
+    #: ``(output, target) -> scalar`` or a class (``torch.nn:SmoothL1Loss``) that builds one.
+    loss: str | None = None
+    #: Passed to the loss: to a class when it is built, to a function at every call.
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Null: the kind's defaults (``[accuracy]``; ``[mse, mae, r2]``).  Built-ins: ``accuracy``;
+    #: ``mse``, ``mae``, ``rmse``, ``r2``.  Or ``module:attr``: an object or class with
+    #: ``update``/``compute``/``reset`` (torchmetrics), or a function ``(output, target) ->
+    #: number`` averaged over samples.  An entry may be ``{name, kwargs, label}``.
+    metrics: list[MetricConfig] | None = None
+    #: The score Tamiyo's evidence and the run's "best" use: a metric's label or ``loss``.
+    #: Null: ``accuracy`` (classification), ``r2`` (regression).
+    monitor: str | None = None
+    #: Is a higher monitor better?  Null: known for the built-ins, ``loss`` and metrics with a
+    #: ``higher_is_better`` attribute (torchmetrics); required for your other metrics.
+    mode: Literal["max", "min"] | None = None
 
 
 class TolariaConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -290,10 +367,10 @@ class TolariaConfig(Section):
     academy: AcademyConfig = Field(default_factory=AcademyConfig)
 
     def academy_dir(self) -> Path:
-        """``academy.dir``, or the default beside the runs: ``<run.runs_root>/academy``."""
+        """Where the academy is: ``academy.dir``, ``$TOLARIA_ACADEMY``, or beside the runs."""
         if self.academy.dir is not None:
             return Path(self.academy.dir)
-        return Path(self.run.runs_root) / "academy"
+        return Path(os.environ.get(ACADEMY_VARIABLE) or Path(self.run.runs_root) / "academy")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -312,8 +389,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> To
     return validate_config(data, source)
 
 
-#: What ``tolaria resume --set`` may change: how long the run goes on, what watches it, how
-#: often it is saved, its CPU threads (at most the last bits of a sum).  Every other field
+#: What ``tolaria resume --set`` may change: how long the run goes on (its epochs, when it
+#: stops early), what watches it, how often it is saved, which model its summary tests, its
+#: CPU threads (at most the last bits of a sum).  Every other field
 #: shapes what a checkpoint continues (data, model, optimizer, schedule, seed, controller):
 #: changed, the resumed run would no longer be the run it continues.
 RESUMABLE_FIELDS = frozenset({
@@ -324,8 +402,10 @@ RESUMABLE_FIELDS = frozenset({
     "run.mlflow",
     "run.num_threads",
     "run.callbacks",
+    "run.early_stopping",
     "checkpoint.every_epochs",
     "checkpoint.keep",
+    "checkpoint.test_of",
 })
 
 

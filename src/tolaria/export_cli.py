@@ -51,6 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"file (exported-program) or folder (state-dict); default: "
         f"RUN_DIR/{EXPORT_DIR}/CHECKPOINT.pt2 or RUN_DIR/{EXPORT_DIR}/CHECKPOINT/",
     )
+    command.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:

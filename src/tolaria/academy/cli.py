@@ -17,7 +17,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-#: Where the academy lives when ``--academy`` is not given (``academy.dir``'s default too).
+#: Where the academy lives when ``--academy`` is not given: where a run with the default
+#: ``academy.dir`` records (``$TOLARIA_ACADEMY`` when set, else this).
 DEFAULT_ACADEMY = Path("runs/academy")
 #: Attempts ``status`` shows, newest first.
 STATUS_ATTEMPTS = 10
@@ -30,8 +31,8 @@ def add_parser(subparsers: Any) -> None:
     commands = academy.add_subparsers(dest="academy_command", required=True)
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument(
-        "--academy", type=Path, default=DEFAULT_ACADEMY,
-        help=f"the academy directory (default: {DEFAULT_ACADEMY})",
+        "--academy", type=Path,
+        help=f"the academy directory (default: $TOLARIA_ACADEMY, else {DEFAULT_ACADEMY})",
     )
     commands.add_parser(
         "status", parents=[where], help="versions, the champion, replay size, recent attempts"
@@ -63,6 +64,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    if args.academy is None:
+        from tolaria.config import TolariaConfig  # the rule runs follow, so both agree
+
+        args.academy = TolariaConfig().academy_dir()
     return _HANDLERS[args.academy_command](args, console)
 
 
@@ -93,9 +98,9 @@ def _pretrain(args: argparse.Namespace, console: Console) -> int:
         shipped = read_version(BUILTIN_V0, "v0").card.get("tensors_digest")
     except PolicyVersionError:
         shipped = None
-    if shipped is not None:
-        same = "matches" if shipped == card["tensors_digest"] else "differs from"
-        console.print(f"its weights {same} the shipped v0, bit for bit", highlight=False)
+    if shipped is not None and out.resolve() != BUILTIN_V0.resolve():
+        same = "match" if shipped == card["tensors_digest"] else "differ from"
+        console.print(f"its weights {same} the shipped v0's, bit for bit", highlight=False)
     return 0
 
 
