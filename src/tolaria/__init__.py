@@ -29,6 +29,8 @@ _EXPORTS = {
     "register_blueprint": "tolaria.kasmina",
     "TamiyoController": "tolaria.tamiyo",
     "load_model": "tolaria.inference",
+    "fold_grafts": "tolaria.export",
+    "export_model": "tolaria.export",
 }
 
 __all__ = sorted(_EXPORTS)

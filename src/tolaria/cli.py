@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", type=Path)
     plot.add_argument("--out", type=Path, help="image file (default: RUN_DIR/curves.png)")
 
+    from tolaria import export_cli  # torch-free; it imports the exporter when it runs
+
+    export_cli.add_parser(commands)
+
     show = commands.add_parser("config", help="print the resolved config as YAML")
     config_options(show)
 

@@ -25,6 +25,10 @@ class CheckpointError(TolariaError):
     """A checkpoint is missing, corrupt, tampered with, or does not fit the model."""
 
 
+class ExportError(TolariaError):
+    """A model cannot be exported, or what would be written does not reproduce it."""
+
+
 class OptimizerManifestError(TolariaError):
     """The optimizer does not hold exactly the model's trainable parameters."""
 

@@ -46,7 +46,7 @@ STATUS_FILE = "status.json"
 #: What a run writes besides ``config.yaml`` (which ``--overwrite`` replaces last, atomically,
 #: so the folder never holds records without the config they came from).
 RUN_OUTPUTS = ("metrics.jsonl", "events.jsonl", STATUS_FILE, "summary.json", "curves.png",
-               "metrics.csv", "mlflow.json", "tensorboard", "checkpoints")
+               "metrics.csv", "mlflow.json", "tensorboard", "checkpoints", "export")
 #: Seconds between heartbeats inside an epoch (a dashboard calls a run stalled after a few).
 HEARTBEAT_S = 5.0
 
