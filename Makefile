@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; pin it so pip never pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test lint reliability bench gpu-check clean
+.PHONY: setup demo test lint reliability bench academy-v0 gpu-check clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,mlflow]"
 	touch $@
 
 demo: setup
@@ -29,13 +29,19 @@ test: lint
 reliability: setup
 	TOLARIA_WRITE_RELIABILITY=1 $(BIN)/pytest -m drill
 
+# The base policy v0 shipped in the package: the replay campaign and the scorer trained on it
+# (about 6 minutes on 2 cores).  Deterministic: a rebuild gives the committed weights bit for bit.
+academy-v0: setup
+	rm -rf src/tolaria/academy/v0
+	OMP_NUM_THREADS=1 $(BIN)/tolaria academy pretrain --out src/tolaria/academy/v0
+
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.run_all
 
 # Lightning is a benchmark contender only, so `setup` (and with it demo and test) leaves it
 # out; the torch pin keeps its dependency on torch from replacing the CPU build.
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev,bench]" "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[dev,mlflow,bench]" "$(TORCH_PIN)"
 	touch $@
 
 # The CUDA paths (device placement of host and grafts, bf16 autocast, no per-batch host

@@ -37,6 +37,7 @@ BENCHMARKS = (
     "trainer_overhead",
     "epoch_boundary",
     "growth",
+    "academy",
 )
 #: Sizes for ``--quick``: each benchmark's full code path in a few seconds (numbers are
 #: meaningless at these sizes; only the smoke tests use them).
@@ -48,6 +49,7 @@ QUICK_ARGS = {
     "trainer_overhead": ["--epochs", "3", "--hosts", "16"],
     "epoch_boundary": ["--epochs", "3", "--hosts", "16"],
     "growth": ["--epochs", "2", "--seeds", "2"],
+    "academy": ["--epochs", "2", "--seeds", "1"],
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tolaria.config import TolariaConfig
+from tolaria.config import ACADEMY_VARIABLE, TolariaConfig
 from tolaria.data import DataBundle
 
 # The test models are tiny: one thread is fastest, and immune to a busy machine's stalls.
@@ -14,6 +14,16 @@ torch.set_num_threads(1)
 
 # The fault drills' shared tooling and the collector of docs/reliability.md (tests/drills.py).
 pytest_plugins = ["drills"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_academy(tmp_path_factory):
+    """Runs that name no academy (the CLI's, and those of the processes tests start) record
+    into this session's own replay buffer, never into the checkout's ``runs/academy``."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv(ACADEMY_VARIABLE, str(tmp_path_factory.mktemp("academy")))
+    yield
+    patch.undo()
 
 
 def make_blobs(n: int, features: int, classes: int, seed: int) -> TensorDataset:

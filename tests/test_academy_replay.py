@@ -20,7 +20,7 @@ from tolaria.academy.recorder import task_fingerprint, task_key
 from tolaria.academy.replay import REPLAY_FILE, REPLAY_SCHEMA, ReplayBuffer
 from tolaria.academy.reward import INCIDENT_PENALTY, PARAM_COST_WEIGHT, reward
 from tolaria.build import build_trainer
-from tolaria.config import ModelConfig, TolariaConfig, config_for_resume
+from tolaria.config import ACADEMY_VARIABLE, ModelConfig, TolariaConfig, config_for_resume
 from tolaria.errors import ConfigError, ReplayError, ReplaySchemaError
 from tolaria.events import Callback
 
@@ -371,6 +371,25 @@ def test_the_task_key_names_dataset_host_and_its_resolved_arguments():
     config.model = ModelConfig(host="cnn2d", kwargs={"channels": [8, 16]})
     digits = SimpleNamespace(name="digits", input_shape=(1, 8, 8), num_classes=10)
     assert task_key(task_fingerprint(config, digits, 1)) == "digits/cnn2d[8,16](kernel_size=3)"
+
+
+def test_the_academy_is_its_field_else_the_variable_else_beside_the_runs(monkeypatch):
+    config = TolariaConfig()
+    config.run.runs_root = "elsewhere/runs"
+    monkeypatch.delenv(ACADEMY_VARIABLE)
+    assert config.academy_dir() == Path("elsewhere/runs/academy")
+    monkeypatch.setenv(ACADEMY_VARIABLE, "/srv/academy")
+    assert config.academy_dir() == Path("/srv/academy")
+    config.academy.dir = "mine"
+    assert config.academy_dir() == Path("mine")
+
+
+def test_tolaria_academy_looks_where_runs_record(monkeypatch, tmp_path):
+    monkeypatch.setenv(ACADEMY_VARIABLE, str(tmp_path / "shared-academy"))
+    result = run_cli(["academy", "status"])
+    assert result.code == 0
+    assert f"{tmp_path / 'shared-academy'}: no academy directory yet" in " ".join(
+        (result.out + result.err).split())
 
 
 def test_a_resume_may_not_move_the_academy():

@@ -86,7 +86,8 @@ def test_trainer_overhead_weights_match_the_hand_written_loop(mnist1d_cache, cap
     assert workload["bitwise_identical_weights"] == dict.fromkeys(
         ["tolaria", "tolaria_no_seeds", *lightning], True)
     accuracies = workload["final_val_accuracy"]
-    assert accuracies["tolaria"] == accuracies["hand_written"]
+    # The same correct count: Tolaria divides it in float64, the hand-written loop in float32.
+    assert accuracies["tolaria"] == pytest.approx(accuracies["hand_written"], rel=1e-6)
     assert ("lightning_fit_call_ms" in workload) == bool(lightning)
 
 
@@ -98,13 +99,16 @@ def test_trainer_overhead_skips_lightning_where_it_is_not_installed(monkeypatch,
 
 def test_epoch_boundary_reports_every_part(mnist1d_cache, capsys):
     result = run_quick(bench_epoch_boundary, "epoch_boundary", capsys)
-    (workload,) = result["workloads"]
-    for part in ("boundary", "boundary_without_snapshot", "packet", "tamiyo_step",
-                 "snapshot", "telemetry_flush"):
-        stats = workload["ms"][part]
-        assert stats["n"] == workload["epochs_recorded"] == 2
-        assert 0 <= stats["median"] <= stats["max"]
-    assert workload["ms"]["boundary_without_snapshot"]["max"] <= workload["ms"]["boundary"]["max"]
+    heuristic, learned = result["workloads"]  # the same job under each policy
+    assert learned["host"] == heuristic["host"] + ", learned"
+    for workload in (heuristic, learned):
+        for part in ("boundary", "boundary_without_snapshot", "packet", "tamiyo_step",
+                     "snapshot", "telemetry_flush"):
+            stats = workload["ms"][part]
+            assert stats["n"] == workload["epochs_recorded"] == 2
+            assert 0 <= stats["median"] <= stats["max"]
+        ms = workload["ms"]
+        assert ms["boundary_without_snapshot"]["max"] <= ms["boundary"]["max"]
     assert result["design_budget_ms"] == 18.0
 
 

@@ -130,7 +130,8 @@ def test_importing_the_trainer_loads_no_display_monitor_or_academy():
     code = (
         "import sys, tolaria.trainer; "
         "print(sorted(m for m in sys.modules if m.startswith(('tolaria.monitor', "
-        "'tolaria.academy', 'tolaria.progress', 'rich.progress', 'torch.utils.tensorboard'))))"
+        "'tolaria.academy', 'tolaria.progress', 'rich.progress', 'torch.utils.tensorboard', "
+        "'torchmetrics'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

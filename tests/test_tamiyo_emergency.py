@@ -8,7 +8,7 @@ import pytest
 
 from packets import make_packet
 from tolaria.contracts import SystemStatePacket
-from tolaria.tamiyo import DecisionLog, Emergency, EmergencyDetector, IncidentMemory
+from tolaria.tamiyo import ChanceLevel, DecisionLog, Emergency, EmergencyDetector, IncidentMemory
 
 
 def packet(epoch, loss, acc=0.5, training_loss=None) -> SystemStatePacket:
@@ -17,7 +17,7 @@ def packet(epoch, loss, acc=0.5, training_loss=None) -> SystemStatePacket:
 
 def detector(**overrides) -> EmergencyDetector:
     settings = dict(
-        num_classes=10,
+        chance=ChanceLevel.of_classes(10),
         collapse_margin=0.02,
         chance_loss_factor=3.0,
         divergence_factor=3.0,

@@ -136,3 +136,22 @@ def test_the_policy_is_named_in_config_and_its_seed_is_the_runs(tiny_config, tin
     trainer = build_trainer(config, data=tiny_data)
     assert isinstance(trainer.tamiyo.policy, SeededLearnedPolicy)
     assert trainer.tamiyo.policy.seed == 5
+
+
+def test_a_pinned_version_runs_and_the_champion_runs_otherwise(tiny_config, tiny_data, tmp_path):
+    from tolaria.academy.registry import PolicyRegistry
+
+    registry = PolicyRegistry(tmp_path / "academy")
+    v1 = registry.register(
+        {k: t + 1.0 for k, t in registry.load("v0").tensors.items()},
+        {**registry.load("v0").card, "parent": "v0", "trained_on": "test", "training_s": 0.0},
+    )
+    registry.promote(v1.name, reason="test")
+    tiny_config.tamiyo.policy = "learned"
+    tiny_config.academy.dir = str(tmp_path / "academy")
+    champion = build_trainer(tiny_config, data=tiny_data).tamiyo.policy
+    tiny_config.tamiyo.policy_version = "v0"
+    pinned = build_trainer(tiny_config, data=tiny_data).tamiyo.policy
+    assert (champion.version, pinned.version) == ("v1", "v0")
+    weights = [dict(p.scorer.state_dict()) for p in (champion, pinned)]
+    assert not torch.equal(weights[0]["wait.0.weight"], weights[1]["wait.0.weight"])

@@ -28,6 +28,9 @@ _EXPORTS = {
     "inject_seeds": "tolaria.kasmina",
     "register_blueprint": "tolaria.kasmina",
     "TamiyoController": "tolaria.tamiyo",
+    "load_model": "tolaria.inference",
+    "fold_grafts": "tolaria.export",
+    "export_model": "tolaria.export",
 }
 
 __all__ = sorted(_EXPORTS)

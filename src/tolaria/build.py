@@ -23,6 +23,7 @@ from tolaria.kasmina import bind_chunks, find_seeds, inject_seeds
 from tolaria.plugins import make_callbacks
 from tolaria.rundir import RunDirectory
 from tolaria.tamiyo import TamiyoController, make_policy
+from tolaria.task import Task
 from tolaria.trainer import TolariaTrainer
 
 
@@ -45,42 +46,46 @@ def build_trainer(
     ``callbacks`` (see :mod:`tolaria.events`) observe the run after the run directory's
     own, and before those ``run.callbacks`` names.  Everything that can be checked is
     checked before a new run directory (given as a path) exists -- data, host, seeds, one
-    forward pass on a sample batch, every blueprint on every chunk, callbacks, device and
-    optimizer -- so a mistake in any of them leaves nothing behind.
+    forward pass on a sample batch, the task's loss and metrics on this model's output and
+    this data's targets, every blueprint on every chunk, callbacks, device and optimizer --
+    so a mistake in any of them leaves nothing behind.
     """
     seed_everything(config.run.seed)
+    task = Task(config.task)
     data = data if data is not None else load_data(config.data, config.run.seed)
     if model is None:
         model = build_host(config.model, data.input_shape, data.num_classes)
     host_parameters = count_parameters(model)
     if config.kasmina.layers:
         inject_seeds(model, config.kasmina)
-    _forward_a_sample(model, data, config)
+    output = _forward_a_sample(model, data, config)
     tamiyo = TamiyoController(
         config.tamiyo,
         config.kasmina,
-        num_classes=data.num_classes,
+        chance=task.chance_level(data, output),
         host_parameters=host_parameters,
         epochs_total=config.run.epochs,
         policy=make_policy(
             config.tamiyo,
             seed=config.run.seed,
-            academy_dir=Path(config.run.runs_root) / "academy",
+            academy_dir=config.academy_dir(),
         ),
     )
     for seed in find_seeds(model):
         tamiyo.register_seed(seed)
     tamiyo.check_grafts()
     callbacks = [*callbacks, *make_callbacks(config.run.callbacks)]
-    return TolariaTrainer(model, tamiyo, config, data=data, run_dir=run_dir, callbacks=callbacks)
+    return TolariaTrainer(
+        model, tamiyo, config, data=data, run_dir=run_dir, callbacks=callbacks, task=task
+    )
 
 
-def _forward_a_sample(model: nn.Module, data: DataBundle, config: TolariaConfig) -> None:
+def _forward_a_sample(model: nn.Module, data: DataBundle, config: TolariaConfig) -> torch.Tensor:
     """The host must accept the data, and its seeds must fit their layers: try it on two
-    training samples, on CPU, before anything is written."""
+    training samples, on CPU, before anything is written; return the host's output."""
     sample = default_collate([data.train[i] for i in range(min(2, len(data.train)))])[0]
     try:
-        bind_chunks(model, sample)
+        return bind_chunks(model, sample)
     except TolariaError:
         raise
     except Exception as exc:

@@ -13,7 +13,8 @@ Two tiers hold snapshots:
 * :class:`SnapshotRing` -- the last K snapshots in memory, the fast path of an emergency
   rollback (design §2);
 * :class:`CheckpointStore` -- durable checkpoints in ``<run_dir>/checkpoints/``, written
-  crash-safely by :mod:`tolaria.checkpoint_io`, for ``tolaria resume``.
+  crash-safely by :mod:`tolaria.checkpoint_io`, for ``tolaria resume``; beside them the
+  best checkpoints :mod:`tolaria.selection` keeps, which the last-N rule never prunes.
 
 Structure comes before weights (:class:`ModelState`): seeds grafted after the snapshot lose
 their blueprints and seeds culled after it are regrown, then the tensors load strictly; the
@@ -28,7 +29,7 @@ import random
 import re
 import shutil
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -288,12 +289,24 @@ class SnapshotRing:
     def __len__(self) -> int:
         return len(self._snapshots)
 
+    def __iter__(self) -> Iterator[Snapshot]:
+        """Oldest first: every state a rollback can return to."""
+        return iter(self._snapshots)
+
 
 # ---------------------------------------------------------------------------------------
 # Durable tier
 # ---------------------------------------------------------------------------------------
 
 _NAME = re.compile(r"^ckpt-(\d{6,})-epoch-(-?\d+)$")
+#: A best checkpoint: the model as validated in one attempt of one epoch.
+_BEST_NAME = re.compile(r"^best-epoch-(\d+)-attempt-(\d+)$")
+
+
+def best_checkpoint_name(epoch: int, attempt: int) -> str:
+    """The directory of the best checkpoint of ``attempt`` of ``epoch``: the attempt keeps
+    the model of a re-run epoch (after a rollback) apart from the one it replaced."""
+    return f"best-epoch-{epoch}-attempt-{attempt}"
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -307,9 +320,12 @@ class CheckpointStore:
 
     Checkpoint ``ckpt-<sequence>-epoch-<epoch>`` directories are ordered by their sequence
     number, which only grows, so a checkpoint written after a rollback to an earlier epoch
-    is still the newest.  Leftovers of an interrupted write or prune (dot-prefixed
-    directories) are never read; the run that owns the directory removes them when it opens
-    it (:meth:`remove_leftovers`) and before every :meth:`save`.
+    is still the newest.  Best checkpoints (``best-epoch-<epoch>-attempt-<attempt>``) live
+    beside them: the store writes and removes them when told (:meth:`save_best`,
+    :meth:`discard`), and never counts them among the ``keep``.  Leftovers of an interrupted
+    write or prune (dot-prefixed directories) are never read; the run that owns the
+    directory removes them when it opens it (:meth:`remove_leftovers`) and before every
+    save.
     """
 
     def __init__(self, directory: Path, keep: int) -> None:
@@ -340,11 +356,42 @@ class CheckpointStore:
             self.directory / f"ckpt-{sequence:06d}-epoch-{snapshot.epoch}", tensors, state
         )
         for old in self.checkpoints()[: -self.keep]:
-            # Rename first: a crash mid-delete then leaves a leftover, not a torn checkpoint.
-            trash = old.with_name(f".trash-{old.name}")
-            old.replace(trash)
-            shutil.rmtree(trash)
+            self.discard(old)
         return path
+
+    def save_best(self, snapshot: Snapshot, name: str) -> Path:
+        """Write ``snapshot`` atomically as the best checkpoint ``name`` (replacing one of
+        that name: only a resumed run writes a name twice, and then it is the same model)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.remove_leftovers()
+        final = self.directory / name
+        if final.exists():
+            self.discard(final)
+        tensors, state = _to_files(snapshot)
+        return write_checkpoint_dir(final, tensors, state)
+
+    def best_checkpoints(self) -> list[Path]:
+        """Best checkpoint directories, oldest epoch (then attempt) first."""
+        if not self.directory.is_dir():
+            return []
+        found = [
+            ((int(match.group(1)), int(match.group(2))), path)
+            for path in self.directory.iterdir()
+            if (match := _BEST_NAME.match(path.name)) and path.is_dir()
+        ]
+        return [path for _, path in sorted(found)]
+
+    def best(self) -> Path | None:
+        """The newest best checkpoint: the best model of the newest epochs the run kept."""
+        found = self.best_checkpoints()
+        return found[-1] if found else None
+
+    def discard(self, path: Path) -> None:
+        """Delete one checkpoint directory of this store."""
+        # Rename first: a crash mid-delete then leaves a leftover, not a torn checkpoint.
+        trash = path.with_name(f".trash-{path.name}")
+        path.replace(trash)
+        shutil.rmtree(trash)
 
     def load_latest(
         self,

@@ -70,9 +70,19 @@ def _parser() -> argparse.ArgumentParser:
         "(repeatable; written to RUN_DIR/config.yaml)",
     )
 
+    for command in (train, resume):
+        command.add_argument(
+            "--quiet", action="store_true",
+            help="print only errors and, when the run ends, the path of its summary.json",
+        )
+
     plot = commands.add_parser("plot", help="draw a run's learning curves and growth events")
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory to draw")
     plot.add_argument("--out", type=Path, help="image file (default: RUN_DIR/curves.png)")
+
+    from tolaria import export_cli  # torch-free; it imports the exporter when it runs
+
+    export_cli.add_parser(commands)
 
     show = commands.add_parser(
         "config", help="print the resolved config as YAML, each field under its comment"
@@ -84,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     from tolaria.academy import cli as academy_cli  # import-light: handlers import the rest
 
     academy_cli.add_parser(commands)
+    from tolaria import evaluate_cli  # its own module; it imports torch only when it runs
+
+    evaluate_cli.add_parser(commands)
     return parser
 
 
@@ -91,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs
     try:
+        if getattr(args, "handler", None) is not None:  # commands living in their own module
+            return args.handler(args, console)
         if args.command == "config":
             config = load_config(args.config, args.overrides)
             if args.no_comments:
@@ -124,26 +139,27 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from tolaria.build import build_trainer
     from tolaria.rundir import RunDirectory
 
+    info = _informational(console, args.quiet)
     path = args.run_dir or RunDirectory.default_path(config)
     if args.overwrite and path.is_dir():
         # Locked first, replaced last: a run in progress is refused, and a mistake in the
         # new config (found while building) leaves the old run as it was.
         run_dir = RunDirectory.claim(path)
         try:
-            trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
+            trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, info))
             run_dir.replace(config)
         except BaseException:
             run_dir.close()
             raise
     else:
         RunDirectory.check_free(path)  # fail before minutes of data generation, not after
-        trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, console))
+        trainer = build_trainer(config, run_dir=path, callbacks=_progress(config, info))
     try:
-        console.print(f"run directory: [bold]{path}[/]")
+        info.print(f"run directory: [bold]{path}[/]")
         summary = trainer.train()
     except KeyboardInterrupt:
         return _interrupted(console, path)
-    _print_summary(summary, path)
+    _print_summary(summary, path, args.quiet)
     return 0
 
 
@@ -152,6 +168,7 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
     from tolaria.rundir import RunDirectory
 
     run_dir, stored = RunDirectory.open_existing(args.run_dir, lock=False)
+    info = _informational(console, args.quiet)
     config = config_for_resume(
         stored,
         args.overrides,
@@ -159,12 +176,15 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
         checkpointed_epochs=_checkpointed_epochs(run_dir),
     )
     # Asked before locking: a finished run is left untouched, unless it is asked for more.
-    if _completed(run_dir.path, console) and config.run.epochs <= stored.run.epochs:
-        console.print(f"{run_dir.path} already completed its {stored.run.epochs} epochs")
+    more = (config.run.epochs > stored.run.epochs
+            or config.run.early_stopping != stored.run.early_stopping)
+    if _completed(run_dir.path, console) and not more:
+        info.print(f"{run_dir.path} already completed (to go on: resume --set run.epochs=N, "
+                      "or a looser run.early_stopping)")
         return 0
     run_dir.take()  # held until the run ends
     try:
-        trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, console))
+        trainer = build_trainer(config, run_dir=run_dir, callbacks=_progress(config, info))
         epoch = trainer.resume(
             on_skip=lambda path, reason: console.print(
                 f"[yellow]skipping checkpoint {path}: {reason}"
@@ -173,20 +193,20 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
         changed = changed_fields(stored, config)
         if changed:  # only now: a refused resume leaves the config it ran with
             run_dir.write_config(config)
-            console.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
+            info.print(f"{run_dir.path / 'config.yaml'}: changed {', '.join(changed)}")
         if epoch == 0:
-            console.print(
+            info.print(
                 f"no checkpoint in {run_dir.path} yet: starting it over from epoch 0 "
                 "(same config and seed, same run)"
             )
         else:
-            console.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
+            info.print(f"resuming [bold]{run_dir.path}[/] at epoch {epoch}")
         summary = trainer.train()
     except KeyboardInterrupt:
         return _interrupted(console, run_dir.path)
     finally:
         run_dir.close()  # train() releases it too; this is for a failure before it
-    _print_summary(summary, run_dir.path)
+    _print_summary(summary, run_dir.path, args.quiet)
     return 0
 
 
@@ -234,25 +254,33 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _informational(console: Console, quiet: bool) -> Console:
+    """Where the lines that only inform go: nowhere with ``--quiet`` (errors and warnings
+    keep ``console``)."""
+    return Console(stderr=True, quiet=True) if quiet else console
+
+
 def _progress(config, console: Console) -> list:
-    if not config.run.progress:
-        return []
-    from tolaria.progress import RichProgress
+    from tolaria.progress import make_display  # rich.progress: only for a run
 
-    return [RichProgress(console)]
+    return make_display(console, progress=config.run.progress)
 
 
-def _print_summary(summary: dict, path: Path) -> None:
+def _print_summary(summary: dict, path: Path, quiet: bool) -> None:
+    # The result goes to stdout, progress to stderr; --quiet leaves only where it lies.
+    if quiet:
+        print(path / "summary.json", flush=True)
+        return
     from rich.table import Table
+
+    from tolaria.summary import plain_value
 
     table = Table(title=f"Tolaria run summary ({path})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:.4f}"
-        table.add_row(key, str(value))
-    Console().print(table)  # the result goes to stdout, progress to stderr
+        table.add_row(key, plain_value(value))
+    Console().print(table)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ the file, never a traceback.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,34 @@ class CallbackConfig(Section):
         return {"name": value} if isinstance(value, str) else value
 
 
+class MLflowConfig(Section):
+    """MLflow as a logger (``pip install 'tolaria[mlflow]'``): the resolved config as params,
+    every epoch's metrics at step = epoch, the summary and the status at the end.  A resume
+    continues the same MLflow run (its id is kept in ``<run_dir>/mlflow.json``)."""
+
+    enabled: bool = False
+    #: Where runs are tracked: ``file:<dir>`` (a local store, no server; Tolaria opts in to
+    #: MLflow's file store, which MLflow 3 otherwise refuses), ``http://host:5000``, ...
+    #: null: MLflow's own choice (``MLFLOW_TRACKING_URI``, else its default database, which
+    #: needs the full ``mlflow`` package).
+    tracking_uri: str | None = None
+    #: The MLflow experiment (made if missing); null: ``run.name``.
+    experiment: str | None = None
+
+
+class EarlyStoppingConfig(Section):
+    """Stop a run whose ``checkpoint.monitor`` has stopped improving (``tolaria.selection``)."""
+
+    #: Kept epochs in a row without an improvement of more than ``min_delta`` on the best
+    #: value so far that end the run.
+    patience: int = Field(5, ge=1)
+    #: How much better than the best so far a value must be to count as an improvement.
+    min_delta: float = Field(0.0, ge=0.0)
+    #: Stop even while a seed is on trial.  Off, a run waits for its trials to end: a graft
+    #: that is still blending may be what improves the monitor next.
+    during_trials: bool = False
+
+
 class RunConfig(Section):
     #: Names the run directory (``<runs_root>/<name>-<time>``); a number is a name too.
     name: str = "mnist1d-mlp"
@@ -68,12 +97,19 @@ class RunConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: Run directories go to ``<runs_root>/<name>-<time>`` unless ``--run-dir`` is given.
     runs_root: str = "runs"
-    #: Live epoch and batch bars on the terminal (stderr).
+    #: Live display on stderr: bars in a terminal, one plain line per epoch anywhere else
+    #: (a pipe, a CI log).  false: only seed transitions, rollbacks and failed grafts.
     progress: bool = True
-    #: Scalars for ``tensorboard --logdir`` in ``<run_dir>/tensorboard``.
+    #: TensorBoard scalars in ``<run_dir>/tensorboard``.
     tensorboard: bool = True
+    #: ``<run_dir>/metrics.csv``: one row per epoch run (a rollback's re-run has attempt 2).
+    csv: bool = True
+    #: MLflow as a logger, off by default (``{enabled: true, tracking_uri: "file:mlruns"}``).
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     #: Your callbacks, after the built-in ones: ``["module:Class", {name: ..., kwargs: ...}]``.
     callbacks: list[CallbackConfig] = Field(default_factory=list)
+    #: Stop early on ``checkpoint.monitor`` (``{patience: 5}``); null runs every epoch.
+    early_stopping: EarlyStoppingConfig | None = None
 
     @field_validator("name", mode="before")
     @classmethod
@@ -100,8 +136,9 @@ class RunConfig(Section):
 
 
 class DataConfig(Section):
-    #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once) or a
-    #: ``module:function`` returning ``(train_dataset, test_dataset, num_classes)``.
+    #: ``mnist1d``, ``digits``, ``cifar10`` (needs torchvision and internet once),
+    #: ``friedman1`` (regression) or a ``module:function`` returning ``(train_dataset,
+    #: test_dataset, num_classes)`` (for regression, the number of outputs).
     dataset: str = "mnist1d"
     #: Samples per training batch (validation and test use the same size).
     batch_size: int = Field(64, ge=1)
@@ -173,6 +210,15 @@ class CheckpointConfig(Section):
     keep: int = Field(2, ge=1)
     #: In-memory snapshots kept for fast rollback.
     memory_snapshots: int = Field(3, ge=1)
+    #: The epoch metric that picks the best checkpoint and drives early stopping, named as
+    #: in metrics.jsonl (``val_accuracy``, ``val_loss``, ``train_loss``); null keeps no best
+    #: checkpoint.  The best is kept beside the last ``keep``, whatever its epoch.
+    monitor: str | None = "val_accuracy"
+    #: Whether a larger or a smaller ``monitor`` is better; ``auto``: smaller for a loss.
+    mode: Literal["auto", "max", "min"] = "auto"
+    #: The model the summary's test metrics describe: the best checkpoint (when the run keeps
+    #: one: it needs a run directory and a monitor) or the last model.
+    test_of: Literal["best", "last"] = "best"
 
 
 class KasminaConfig(Section):
@@ -252,14 +298,16 @@ class TamiyoConfig(Section):
     max_delta_ratio: float = Field(2.0, gt=0.0)
     #: Epochs a fully blended seed is on probation before it is judged.
     probation_epochs: int = Field(1, ge=1)
-    #: Validation-accuracy gain (seed vs. its alpha forced to 0) needed to fossilize.
+    #: Validation-score gain (seed vs. its alpha forced to 0) needed to fossilize: accuracy
+    #: by default, the task's monitor (higher is better) in general.
     fossilize_min_gain: float = 0.0
     #: Validation-loss reduction (seed vs. its alpha forced to 0) needed to fossilize.
     fossilize_min_loss_gain: float = 1e-3
     #: Extra score subtracted from a (location, blueprint) pair each time it is culled.
     cull_penalty: float = Field(1.0, ge=0.0)
     #: Divergence from any epoch, the first included: a training or validation loss above
-    #: this multiple of the chance level ``ln(classes)`` (a uniform guess's loss).
+    #: this multiple of the chance level, the loss of an output that knows nothing (a uniform
+    #: guess, ``ln(classes)`` for cross-entropy; regression: the training targets' mean).
     chance_loss_factor: float = Field(3.0, gt=1.0)
     #: Divergence: loss above ``divergence_factor`` x the best of the last
     #: ``divergence_window`` epochs, for ``divergence_epochs`` consecutive epochs.
@@ -270,7 +318,8 @@ class TamiyoConfig(Section):
     divergence_window: int = Field(5, ge=1)
     #: Losses below this are "fitted": the divergence reference never goes lower.
     divergence_loss_floor: float = Field(0.05, ge=0.0)
-    #: Collapse: validation accuracy at or below ``1 / num_classes + collapse_margin``.
+    #: Collapse: a validation score at or below chance + this (accuracy ``1 / classes``,
+    #: R² 0; other monitors have no collapse check).
     collapse_margin: float = Field(0.02, ge=0.0)
     #: Decisions this many epochs before an incident are its suspects (never replayed).
     incident_lookback_epochs: int = Field(3, ge=0)
@@ -280,13 +329,60 @@ class TamiyoConfig(Section):
     outcome_horizon: int = Field(3, ge=1)
 
 
+#: The academy of runs whose ``academy.dir`` is null, when set.
+ACADEMY_VARIABLE = "TOLARIA_ACADEMY"
+
+
 class AcademyConfig(Section):
     """Where the academy keeps what runs teach it (docs/academy.md)."""
 
-    #: The academy directory (replay buffer, policy versions); None: ``<run.runs_root>/academy``.
+    #: The academy directory (replay buffer, policy versions); None: ``$TOLARIA_ACADEMY`` if
+    #: set (one academy for every project on a machine, or a test session's own), else
+    #: ``<run.runs_root>/academy``.
     dir: str | None = None
     #: Record every run with a run directory in the replay buffer (decision points, outcomes).
     replay: bool = True
+
+
+class MetricConfig(Section):
+    """A metric: a built-in name or ``module:attr`` (``tolaria.task``), built with ``kwargs``."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: What the metric is called in packets, records and the summary (default: the built-in's
+    #: name, or the attribute of ``module:attr``, e.g. ``MeanAbsoluteError``).
+    label: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_reference(cls, value: Any) -> Any:
+        # The short form: a bare name or "module:attr" string.
+        return {"name": value} if isinstance(value, str) else value
+
+
+class TaskConfig(Section):
+    """What is learned and how it is scored (``tolaria.task``, docs/tasks.md)."""
+
+    #: ``classification`` (integer class targets, one output per class) or ``regression``
+    #: (real targets, one output per target dimension: the data's ``num_classes``).
+    kind: Literal["classification", "regression"] = "classification"
+    #: Null: the kind's default (``cross_entropy``; ``mse``).  Built-ins: ``cross_entropy``;
+    #: ``mse``, ``mae`` (or ``l1``), ``huber``.  Or ``module:attr``: a function
+    #: ``(output, target) -> scalar`` or a class (``torch.nn:SmoothL1Loss``) that builds one.
+    loss: str | None = None
+    #: Passed to the loss: to a class when it is built, to a function at every call.
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Null: the kind's defaults (``[accuracy]``; ``[mse, mae, r2]``).  Built-ins: ``accuracy``;
+    #: ``mse``, ``mae``, ``rmse``, ``r2``.  Or ``module:attr``: an object or class with
+    #: ``update``/``compute``/``reset`` (torchmetrics), or a function ``(output, target) ->
+    #: number`` averaged over samples.  An entry may be ``{name, kwargs, label}``.
+    metrics: list[MetricConfig] | None = None
+    #: The score Tamiyo's evidence and the run's "best" use: a metric's label or ``loss``.
+    #: Null: ``accuracy`` (classification), ``r2`` (regression).
+    monitor: str | None = None
+    #: Is a higher monitor better?  Null: known for the built-ins, ``loss`` and metrics with a
+    #: ``higher_is_better`` attribute (torchmetrics); required for your other metrics.
+    mode: Literal["max", "min"] | None = None
 
 
 class TolariaConfig(Section):
@@ -296,6 +392,8 @@ class TolariaConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     #: The host model, before any growth.
     model: ModelConfig = Field(default_factory=ModelConfig)
+    #: What is learned and how it is scored: the loss, the metrics, the monitor.
+    task: TaskConfig = Field(default_factory=TaskConfig)
     #: The optimizer, and how seeds on trial are trained.
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     #: The learning-rate schedule, kept across optimizer rebuilds.
@@ -310,10 +408,10 @@ class TolariaConfig(Section):
     academy: AcademyConfig = Field(default_factory=AcademyConfig)
 
     def academy_dir(self) -> Path:
-        """``academy.dir``, or the default beside the runs: ``<run.runs_root>/academy``."""
+        """Where the academy is: ``academy.dir``, ``$TOLARIA_ACADEMY``, or beside the runs."""
         if self.academy.dir is not None:
             return Path(self.academy.dir)
-        return Path(self.run.runs_root) / "academy"
+        return Path(os.environ.get(ACADEMY_VARIABLE) or Path(self.run.runs_root) / "academy")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -332,18 +430,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> To
     return validate_config(data, source)
 
 
-#: What ``tolaria resume --set`` may change: how long the run goes on, what watches it, how
-#: often it is saved, its CPU threads (at most the last bits of a sum).  Every other field
+#: What ``tolaria resume --set`` may change: how long the run goes on (its epochs, when it
+#: stops early), what watches it, how often it is saved, which model its summary tests, its
+#: CPU threads (at most the last bits of a sum).  Every other field
 #: shapes what a checkpoint continues (data, model, optimizer, schedule, seed, controller):
 #: changed, the resumed run would no longer be the run it continues.
 RESUMABLE_FIELDS = frozenset({
     "run.epochs",
     "run.progress",
     "run.tensorboard",
+    "run.csv",
+    "run.mlflow",
     "run.num_threads",
     "run.callbacks",
+    "run.early_stopping",
     "checkpoint.every_epochs",
     "checkpoint.keep",
+    "checkpoint.test_of",
 })
 
 

@@ -113,16 +113,25 @@ class SeedTelemetry(_JsonMixin):
 
 @dataclass(frozen=True)
 class EvalMetrics(_JsonMixin):
-    """Loss and accuracy of one evaluation pass."""
+    """One evaluation pass: the loss, the score and every configured metric by name.
+
+    ``accuracy`` is the design's name for the score: the task's monitor, oriented so that
+    higher is better -- classification accuracy by default, ``r2`` for regression, the
+    negation of a monitor where lower is better (``-mse``).  See ``tolaria.task``.
+    """
 
     loss: float
     accuracy: float
+    #: Every configured metric by its label, as measured (``{"mse": 0.12, "r2": 0.87}``).
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SystemStatePacket(_JsonMixin):
     """Everything Tamiyo sees at an epoch boundary (design §2, Figure 1).
 
+    ``validation_accuracy`` is the score of :class:`EvalMetrics` (the task's monitor, higher
+    is better); ``validation_metrics`` carries every configured metric beside it.
     ``counterfactual`` maps a seed id to the validation metrics measured with that
     seed's alpha forced to 0: the seed's contribution is the difference to the
     packet's own validation metrics.  Tolaria measures it for the seeds the controller
@@ -139,6 +148,7 @@ class SystemStatePacket(_JsonMixin):
     seed_states: Mapping[str, SeedState] = field(default_factory=dict)
     counterfactual: Mapping[str, EvalMetrics] = field(default_factory=dict)
     timestamp: float = field(default_factory=time.time)
+    validation_metrics: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -158,6 +168,8 @@ class SystemStatePacket(_JsonMixin):
             seed_states={k: SeedState(v) for k, v in data["seed_states"].items()},
             counterfactual={k: EvalMetrics.from_dict(v) for k, v in data["counterfactual"].items()},
             timestamp=data["timestamp"],
+            # Packets logged before the named metrics existed have none.
+            validation_metrics=dict(data.get("validation_metrics", {})),
         )
 
 

@@ -68,6 +68,7 @@ class DataBundle:
     test: Dataset | None
     #: Per-sample input shape (no batch dimension).
     input_shape: tuple[int, ...]
+    #: Classes; for regression, the number of outputs (the host's output width).
     num_classes: int
 
 
@@ -362,9 +363,41 @@ def _cifar10(config: DataConfig) -> _Loaded:
     return train, test, (3, 32, 32), 10
 
 
+def _friedman1(config: DataConfig) -> _Loaded:
+    """Friedman #1, a regression problem scikit-learn generates locally (``task.kind:
+    regression``): ``n_features`` inputs uniform on [0, 1], of which the first five matter,
+    ``y = 10 sin(pi x1 x2) + 20 (x3 - 1/2)^2 + 10 x4 + 5 x5 + noise * N(0, 1)``.
+
+    Inputs and target are standardised with the training split's statistics, so the chance
+    level (predicting the mean) has a loss of 1 and the noise floor of the MSE is
+    ``noise^2 / var(y)`` (about 0.04 at the default noise).  ``seed`` fixes the data, not
+    the run: test numbers stay comparable across run seeds.
+    """
+    from sklearn.datasets import make_friedman1
+
+    defaults = {"n_train": 2000, "n_test": 1000, "n_features": 10, "noise": 1.0, "seed": 0}
+    options = _with_options(defaults, config, "friedman1")
+    for key, least in (("n_train", 2), ("n_test", 1), ("n_features", 5)):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"data.kwargs.{key}={value!r}: must be an int >= {least}")
+    n_train = options["n_train"]
+    x, y = make_friedman1(
+        n_samples=n_train + options["n_test"], n_features=options["n_features"],
+        noise=options["noise"], random_state=options["seed"],
+    )
+    x = torch.from_numpy(x.astype(np.float32))
+    y = torch.from_numpy(y.astype(np.float32)).unsqueeze(1)  # one target: (n, 1)
+    x = (x - x[:n_train].mean(0)) / x[:n_train].std(0)
+    y = (y - y[:n_train].mean(0)) / y[:n_train].std(0)
+    train = TensorDataset(x[:n_train], y[:n_train])
+    return train, TensorDataset(x[n_train:], y[n_train:]), (options["n_features"],), 1
+
+
 BUILTIN_DATASETS.register("mnist1d", _mnist1d)
 BUILTIN_DATASETS.register("digits", _digits)
 BUILTIN_DATASETS.register("cifar10", _cifar10)
+BUILTIN_DATASETS.register("friedman1", _friedman1)
 
 
 # --- user datasets ----------------------------------------------------------------------
@@ -392,8 +425,9 @@ def _load_user(config: DataConfig, seed: int) -> DataBundle:
                 f"{field}: the {split} dataset must support len() and indexing, "
                 f"got {type(dataset).__name__}"
             )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"{field}: num_classes must be an int >= 2, got {num_classes!r}")
+    # For regression it is the number of outputs: classification's ">= 2" is the task's check.
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"{field}: num_classes must be an int >= 1, got {num_classes!r}")
     if len(train) == 0:
         raise ConfigError(f"{field}: the training dataset is empty")
     input_shape = _sample_shape(train[0], field)

@@ -25,6 +25,10 @@ class CheckpointError(TolariaError):
     """A checkpoint is missing, corrupt, tampered with, or does not fit the model."""
 
 
+class ExportError(TolariaError):
+    """A model cannot be exported, or what would be written does not reproduce it."""
+
+
 class OptimizerManifestError(TolariaError):
     """The optimizer does not hold exactly the model's trainable parameters."""
 
@@ -64,5 +68,11 @@ class ReplaySchemaError(ReplayError):
 
 class PolicyVersionError(TolariaError):
     """A policy version of the academy is missing, corrupt, or cannot be made champion."""
+
+    exit_code = 2
+
+
+class NoCheckpoint(CheckpointError):
+    """The run has no checkpoint of the kind asked for: a usage error, like a wrong path."""
 
     exit_code = 2

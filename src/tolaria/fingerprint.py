@@ -5,6 +5,10 @@ same data with the same optimizer, growth settings and seed.  ``RunFingerprint``
 snapshot component: its state is that record, and loading a state that differs from the
 live run's raises :class:`~tolaria.errors.RunMismatch` naming what changed -- a
 changed dataset of the same shape would otherwise resume silently into another result.
+
+It also makes a checkpoint self-describing: the model and Kasmina sections, the input shape
+and the classes are what :func:`tolaria.inference.load_model` rebuilds the host from, and the
+architecture digest tells it whether the rebuilt host is the one the run trained.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from tolaria.errors import RunMismatch
 #: Items hashed from a dataset that is not held in tensors (reading all could take minutes).
 SAMPLED_ITEMS = 64
 
-#: Config sections whose every field exact resume depends on.
-EXACT_SECTIONS = ("data", "model", "optimizer", "scheduler", "kasmina", "tamiyo")
+#: Config sections whose every field exact resume depends on (the task's loss trains, its
+#: metrics and monitor decide).
+EXACT_SECTIONS = ("data", "model", "task", "optimizer", "scheduler", "kasmina", "tamiyo")
 #: Fields of those sections that do not change a single number of the run.
 INERT_FIELDS = {"data": ("cache_dir", "num_workers")}
 
@@ -65,7 +70,7 @@ def dataset_digest(dataset: Dataset | None) -> str:
     return digest.hexdigest()
 
 
-def _architecture(model: nn.Module) -> str:
+def architecture_digest(model: nn.Module) -> str:
     """The model's class and every parameter and buffer by name, shape and dtype."""
     entries = [type(model).__qualname__]
     entries += [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
@@ -82,21 +87,20 @@ class RunFingerprint:
             "run.seed": str(config.run.seed),
             **_settings(config),
             "data content": "/".join(dataset_digest(d) for d in (data.train, data.val, data.test)),
-            "model architecture": _architecture(model),
+            "input shape": json.dumps(list(data.input_shape)),
+            "classes": json.dumps(data.num_classes),
+            "model architecture": architecture_digest(model),
         }
 
     def state_dict(self) -> dict[str, str]:
         return dict(self.values)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # A field the checkpoint predates (added by a later Tolaria) changes nothing while it
-        # holds its default: new fields default to the old behaviour.
-        defaults = _settings(TolariaConfig())
-        changed = sorted(
-            k for k in self.values.keys() | state.keys()
-            if state.get(k) != self.values.get(k)
-            and not (k not in state and k in defaults and defaults[k] == self.values[k])
-        )
+        # A checkpoint written before a field existed ran as its default: the defaults are
+        # what Tolaria did before the field was added (the task's are classification's).
+        state = {**_settings(TolariaConfig()), **state}
+        changed = sorted(k for k in self.values.keys() | state.keys()
+                         if state.get(k) != self.values.get(k))
         if changed:
             shown = ", ".join(_describe(k, state.get(k), self.values.get(k)) for k in changed[:4])
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""

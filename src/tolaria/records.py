@@ -15,7 +15,7 @@ import enum
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from tolaria.contracts import AdaptationSignal, EvalMetrics, SeedState, SystemStatePacket
@@ -123,6 +123,7 @@ class EpochEnd(EventRecord):
     global_step: int
     train_loss: float
     val_loss: float
+    #: The task's score (``EvalMetrics.accuracy``: the monitor, higher is better).
     val_accuracy: float
     lr: float
     params: int
@@ -130,6 +131,8 @@ class EpochEnd(EventRecord):
     seed_states: Mapping[str, SeedState]
     adaptations: int
     rollback: bool
+    #: Every configured metric by its label (``tolaria.task``).
+    val_metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 # -- Tamiyo's decision log and incident memory ---------------------------------------------

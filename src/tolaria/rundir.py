@@ -6,6 +6,8 @@
   metrics.jsonl    one epoch_end record per epoch run (docs/events.md)
   events.jsonl     every decision, outcome, adaptation, incident, rollback, checkpoint
   status.json      phase, epoch, heartbeat, pid, host: rewritten as the run goes
+  metrics.csv      one row per epoch run, for a spreadsheet (tolaria.csv_logger)
+  mlflow.json      the MLflow run this one logs to, so a resume continues it
   tensorboard/     scalars for `tensorboard --logdir <run_dir>`
   checkpoints/     durable checkpoints (see tolaria.checkpoint)
   summary.json     written when the run ends
@@ -37,13 +39,14 @@ from tolaria.components import SnapshotStore
 from tolaria.config import TolariaConfig, load_config
 from tolaria.errors import CheckpointError, ConfigError, RunDirectoryInUse, RunWriteError
 from tolaria.events import Callback
+from tolaria.loggers import make_loggers
 
 LOCK_FILE = ".lock"
 STATUS_FILE = "status.json"
 #: What a run writes besides ``config.yaml`` (which ``--overwrite`` replaces last, atomically,
 #: so the folder never holds records without the config they came from).
 RUN_OUTPUTS = ("metrics.jsonl", "events.jsonl", STATUS_FILE, "summary.json", "curves.png",
-               "tensorboard", "checkpoints")
+               "metrics.csv", "mlflow.json", "tensorboard", "checkpoints", "export")
 #: Seconds between heartbeats inside an epoch (a dashboard calls a run stalled after a few).
 HEARTBEAT_S = 5.0
 
@@ -183,12 +186,24 @@ class RunDirectory:
         and must log no decision or outcome twice."""
         for name in ("metrics.jsonl", "events.jsonl"):
             kept = [r for r in self._read(name) if r.get("epoch", last_epoch) <= last_epoch]
-            text = "".join(records.encode(r) + "\n" for r in kept)
-            self._write(name, lambda path, text=text: write_atomic(path, text))
+            self.write_text(name, "".join(records.encode(r) + "\n" for r in kept))
 
     def write_config(self, config: TolariaConfig) -> None:
-        text = config.to_yaml()
-        self._write("config.yaml", lambda path: write_atomic(path, text))
+        self.write_text("config.yaml", config.to_yaml())
+
+    def write_text(self, name: str, text: str) -> None:
+        """``name`` replaced whole by ``text``, atomically."""
+        self._write(name, lambda path: write_atomic(path, text))
+
+    def append_line(self, name: str, line: str) -> None:
+        """``line`` added to ``name`` in one write, flushed at once: a killed run keeps every
+        complete line (and a reader drops a last one without its newline)."""
+
+        def append(path: Path) -> None:
+            with open(path, "a") as stream:
+                stream.write(line + "\n")
+
+        self._write(name, append)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         text = records.encode(summary, indent=2) + "\n"
@@ -203,14 +218,7 @@ class RunDirectory:
 
     # -- helpers -------------------------------------------------------------------------
     def _append(self, name: str, record: dict[str, Any]) -> None:
-        line = records.encode(record) + "\n"
-
-        def append(path: Path) -> None:
-            # One line per write, flushed at once: a killed run keeps every complete record.
-            with open(path, "a") as stream:
-                stream.write(line)
-
-        self._write(name, append)
+        self.append_line(name, records.encode(record))
 
     def _write(self, name: str, write: Callable[[Path], None]) -> None:
         """Every write of the run's files: a full disk (or any OSError) is one line, once.
@@ -312,26 +320,23 @@ def attach_run_directory(
     run_dir: RunDirectory | Path | None, config: TolariaConfig
 ) -> tuple[RunDirectory | None, list, SnapshotStore | None]:
     """A trainer's run directory (created, if given as a path), the callbacks that keep it
-    written (files, status, TensorBoard, the academy's replay buffer) and its checkpoint
-    store, cleared of what an interrupted write left (the directory is locked: ours alone)."""
+    written (files, status, the loggers ``run`` asks for, the academy's replay buffer) and its
+    checkpoint store, cleared of what an interrupted write left (the directory is locked:
+    ours alone)."""
     if run_dir is None:
         return None, [], None
-    callbacks: list = []
+    path = run_dir.path if isinstance(run_dir, RunDirectory) else Path(run_dir)
+    loggers = make_loggers(config.run, path)  # first: a logger that cannot start leaves no folder
     if config.academy.replay:
         from tolaria.academy.recorder import ReplayRecorder  # sqlite: only for runs it records
 
         # Opened before the run directory is made: a buffer of a newer schema refuses the run
         # with nothing written; one that cannot be opened now leaves the run unrecorded.
-        path = run_dir.path if isinstance(run_dir, RunDirectory) else run_dir
         recorder = ReplayRecorder.for_run(config.academy_dir(), path)
-        callbacks += [recorder] if recorder is not None else []
+        loggers += [recorder] if recorder is not None else []
     if not isinstance(run_dir, RunDirectory):
-        run_dir = RunDirectory.create(Path(run_dir), config)
-    callbacks = [RunLogger(run_dir), StatusWriter(run_dir), *callbacks]
-    if config.run.tensorboard:
-        from tolaria.tensorboard import TensorBoardLogger  # light: it imports TB when used
-
-        callbacks.append(TensorBoardLogger(run_dir.path / "tensorboard"))
+        run_dir = RunDirectory.create(path, config)
+    callbacks: list = [RunLogger(run_dir), StatusWriter(run_dir), *loggers]
     store = CheckpointStore(run_dir.checkpoint_dir, config.checkpoint.keep)
     store.remove_leftovers()
     return run_dir, callbacks, store

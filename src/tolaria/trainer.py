@@ -49,8 +49,10 @@ from tolaria.hosts import count_parameters
 from tolaria.kasmina import ablated
 from tolaria.optim import DynamicOptimizerManager
 from tolaria.rundir import RunDirectory, attach_run_directory
+from tolaria.selection import ModelSelection
 from tolaria.stepping import AccumulationWindows, BatchStepper, Precision
 from tolaria.summary import run_summary
+from tolaria.task import Task
 
 #: Batches between checks of the running loss for NaN/inf.  Each check is one host sync;
 #: this keeps it far from every batch while still stopping a diverged epoch early.
@@ -69,6 +71,7 @@ class TolariaTrainer:
         data: DataBundle | None = None,
         run_dir: RunDirectory | Path | None = None,
         callbacks: Iterable[object] = (),
+        task: Task | None = None,
     ) -> None:
         self.config = config
         if config.run.num_threads:
@@ -81,7 +84,9 @@ class TolariaTrainer:
         self.loaders = make_loaders(self.data, config.data, config.run.seed,
                                     pin_memory=self.device.type == "cuda")
         self.train_loader, self.val_loader = self.loaders.train, self.loaders.val
-        self.loss_fn = nn.CrossEntropyLoss()
+        #: What is learned and how it is scored (``tolaria.task``): the loss, metrics, monitor.
+        self.task = task if task is not None else Task(config.task)
+        self.loss_fn = self.task.loss.to(self.device)
         # Loaders yield CPU tensors: only another device needs a copy per batch.
         self._move_batches = self.device.type != "cpu"
 
@@ -97,9 +102,13 @@ class TolariaTrainer:
                                     self.precision.grad_scaler())
         self.hardware_monitor = HardwareMonitor(self.device)
         self.snapshots = SnapshotRing(config.checkpoint.memory_snapshots)
+        self.selection = ModelSelection(
+            config.checkpoint, config.run.early_stopping, [m.label for m in self.task.metrics]
+        )
         # Only now, with everything above built: a mistake in any of it leaves no directory.
         self.run_dir, run_callbacks, self.store = attach_run_directory(run_dir, config)
-        self.callbacks = Callbacks([*run_callbacks, *callbacks])
+        # The best checkpoint is written after the epoch's records, before its durable one.
+        self.callbacks = Callbacks([*run_callbacks, self.selection, *callbacks])
         self._emit = Emitter(self, self.callbacks, lambda: self.current_epoch)
         tamiyo.event_sink = self._emit.controller_event
         #: Snapshot components in restore order: the same run?  Weights, then the optimizer.
@@ -110,6 +119,7 @@ class TolariaTrainer:
             "tamiyo": self.tamiyo,
             "rng": RngState(),
             "data_order": self.loaders.train_sampler,
+            "selection": self.selection,
         }
         if self.stepper.grad_scaler is not None:  # fp16 only: other checkpoints keep their layout
             self.components["grad_scaler"] = self.stepper.grad_scaler
@@ -141,7 +151,8 @@ class TolariaTrainer:
                    device=self.device.type)
         status, error, diverged = "failed", None, False
         try:
-            while self.current_epoch < epochs:
+            stop = self.selection.stop_reason  # early stopping, on the monitored metric
+            while self.current_epoch < epochs and not stop(self.tamiyo.seed_states):
                 self.run_epoch(self.current_epoch)
                 finished = self.current_epoch - 1
             if self.store is not None and self._last_durable_epoch != self.current_epoch - 1:
@@ -238,26 +249,23 @@ class TolariaTrainer:
     def evaluate(
         self, loader, counterfactual_ids: list[str] = ()
     ) -> tuple[EvalMetrics, dict[str, EvalMetrics]]:
-        """Loss and accuracy on ``loader``, plus the same with each named seed's alpha forced
-        to 0.  The test split goes through here once, for the summary, never to Tamiyo."""
+        """The task's loss, score and metrics on ``loader``, plus the same with each named
+        seed's alpha forced to 0.  The test split goes through here once, for the summary,
+        never to Tamiyo."""
         self.model.eval()
         variants = [None, *counterfactual_ids]
-        # Sums stay on the device; one transfer at the end (invariant: no per-batch sync).
-        totals = torch.zeros(len(variants), 2, device=self.device)
-        count = 0
+        # Each pass keeps its sums on the device until the end (invariant: no per-batch sync).
+        passes = [self.task.evaluation(self.device) for _ in variants]
         for x, y in loader:
             if self._move_batches:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
-            for row, seed_id in enumerate(variants):
+            for evaluation, seed_id in zip(passes, variants, strict=True):
                 scope = ablated(self.model, [seed_id]) if seed_id else contextlib.nullcontext()
                 with scope, self._autocast():
-                    logits = self.model(x)
-                totals[row, 0] += self.loss_fn(logits.float(), y) * y.numel()
-                totals[row, 1] += (logits.argmax(dim=1) == y).sum()
-            count += y.numel()
-        sums = (totals / max(count, 1)).tolist()
-        metrics = [EvalMetrics(loss=loss, accuracy=acc) for loss, acc in sums]
+                    output = self.model(x)
+                evaluation.update(output.float(), y)
+        metrics = [evaluation.result() for evaluation in passes]
         return metrics[0], dict(zip(counterfactual_ids, metrics[1:], strict=True))
 
     def _autocast(self):
@@ -276,6 +284,7 @@ class TolariaTrainer:
             training_loss=training_loss,
             validation_loss=global_metrics.loss,
             validation_accuracy=global_metrics.accuracy,
+            validation_metrics=dict(global_metrics.metrics),
             hardware_context=self.hardware_monitor.current(),
             health_map=dict(self.tamiyo.health_map),
             seed_states=dict(self.tamiyo.seed_states),
@@ -396,6 +405,7 @@ class TolariaTrainer:
             train_loss=packet.training_loss,
             val_loss=packet.validation_loss,
             val_accuracy=accuracy,
+            val_metrics=dict(packet.validation_metrics),
             lr=self.optimizer.param_groups[0]["lr"],
             params=count_parameters(self.model),
             seed_states=dict(self.tamiyo.seed_states),

@@ -118,7 +118,7 @@ class CampaignSize:
     epochs: int
 
 
-SIZES = {"full": CampaignSize(len(CAMPAIGN_TASKS), 3, 24), "tiny": CampaignSize(2, 1, 6)}
+SIZES = {"full": CampaignSize(len(CAMPAIGN_TASKS), 5, 24), "tiny": CampaignSize(2, 1, 6)}
 
 
 def campaign_config(task: CampaignTask, seed: int, epochs: int, root: Path) -> TolariaConfig:
@@ -133,6 +133,8 @@ def campaign_config(task: CampaignTask, seed: int, epochs: int, root: Path) -> T
         "run.tensorboard=false",
         f"run.runs_root={root}",
         f"data.cache_dir={root / 'cache'}",
+        # Named, not left to the default: $TOLARIA_ACADEMY must not take the campaign's runs.
+        f"academy.dir={root / 'academy'}",
         "tamiyo.policy=tolaria.academy.campaign:ExploringPolicy",
     ])
 

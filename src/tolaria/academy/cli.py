@@ -17,7 +17,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-#: Where the academy lives when ``--academy`` is not given (``academy.dir``'s default too).
+#: Where the academy lives when ``--academy`` is not given: where a run with the default
+#: ``academy.dir`` records (``$TOLARIA_ACADEMY`` when set, else this).
 DEFAULT_ACADEMY = Path("runs/academy")
 #: Attempts ``status`` shows, newest first.
 STATUS_ATTEMPTS = 10
@@ -30,8 +31,8 @@ def add_parser(subparsers: Any) -> None:
     commands = academy.add_subparsers(dest="academy_command", required=True)
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument(
-        "--academy", type=Path, default=DEFAULT_ACADEMY,
-        help=f"the academy directory (default: {DEFAULT_ACADEMY})",
+        "--academy", type=Path,
+        help=f"the academy directory (default: $TOLARIA_ACADEMY, else {DEFAULT_ACADEMY})",
     )
     commands.add_parser(
         "status", parents=[where], help="versions, the champion, replay size, recent attempts"
@@ -43,10 +44,64 @@ def add_parser(subparsers: Any) -> None:
         "revert", parents=[where], help="give the champion back to the one before it"
     )
     revert.add_argument("--reason", default="reverted by hand", help="recorded with the move")
+    pretrain = commands.add_parser(
+        "pretrain", parents=[where],
+        help="rebuild base policy v0: the replay campaign, then the scorer trained on it",
+    )
+    pretrain.add_argument(
+        "--out", type=Path,
+        help="the version directory to write (default: ACADEMY/policies/v0, which then "
+        "stands in for the built-in)",
+    )
+    pretrain.add_argument(
+        "--size", choices=("full", "tiny"), default="full",
+        help="full: the campaign v0 ships from (minutes); tiny: a smoke run (seconds)",
+    )
+    pretrain.add_argument(
+        "--workdir", type=Path,
+        help="keep the campaign's runs and replay buffer here (default: a temporary folder)",
+    )
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    if args.academy is None:
+        from tolaria.config import TolariaConfig  # the rule runs follow, so both agree
+
+        args.academy = TolariaConfig().academy_dir()
     return _HANDLERS[args.academy_command](args, console)
+
+
+def _pretrain(args: argparse.Namespace, console: Console) -> int:
+    import tempfile
+
+    from tolaria.academy.campaign import SIZES
+    from tolaria.academy.pretrain import pretrain
+    from tolaria.academy.registry import BUILTIN_V0, read_version
+    from tolaria.errors import PolicyVersionError
+
+    out = args.out or args.academy / "policies" / "v0"
+    if out.exists():
+        raise PolicyVersionError(f"{out}: already exists (a policy version is never rewritten)")
+    size, started = SIZES[args.size], time.perf_counter()
+    runs = size.tasks * size.seeds
+
+    def on_run(task: str, seed: int, index: int) -> None:
+        console.print(f"campaign run {index + 1}/{runs}: {task} seed {seed} "
+                      f"({time.perf_counter() - started:.0f} s)", highlight=False)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        card = pretrain(out, size, workdir=args.workdir or Path(scratch), on_run=on_run)
+    trained = card["trained_on"]
+    console.print(f"wrote {out}: {trained['examples']} decision points with outcomes "
+                  f"({trained['grafts']} grafts), loss {card['loss']}", highlight=False)
+    try:
+        shipped = read_version(BUILTIN_V0, "v0").card.get("tensors_digest")
+    except PolicyVersionError:
+        shipped = None
+    if shipped is not None and out.resolve() != BUILTIN_V0.resolve():
+        same = "match" if shipped == card["tensors_digest"] else "differ from"
+        console.print(f"its weights {same} the shipped v0's, bit for bit", highlight=False)
+    return 0
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:
@@ -172,4 +227,4 @@ def _brief(value: Any) -> str:
     return "-" if value is None else json.dumps(value, separators=(",", ":"))
 
 
-_HANDLERS = {"status": _status, "promote": _promote, "revert": _revert}
+_HANDLERS = {"status": _status, "promote": _promote, "revert": _revert, "pretrain": _pretrain}

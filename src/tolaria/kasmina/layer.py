@@ -292,15 +292,15 @@ def collect_telemetry(seeds: Iterable[KasminaSeed], epoch: int) -> dict[str, See
     return {r.seed_id: r for layer in layers.values() for r in layer.flush_telemetry(epoch)}
 
 
-def bind_chunks(model: nn.Module, sample: torch.Tensor) -> None:
+def bind_chunks(model: nn.Module, sample: torch.Tensor) -> torch.Tensor:
     """One forward pass on ``sample`` in eval mode, without gradients, telemetry or draws
     from the global RNG: every seed learns its chunk shape before training, so a layout
     that cannot work (more chunks than channels) is found now, and every seed's blueprints
-    can be priced."""
+    can be priced.  Returns the model's output (what the task's loss will see)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(sample)
+            return model(sample)
     finally:
         model.train(was_training)

@@ -2,7 +2,7 @@
 
 from tolaria.tamiyo.controller import TamiyoController
 from tolaria.tamiyo.decisions import DecisionLog, DecisionRecord
-from tolaria.tamiyo.emergency import Emergency, EmergencyDetector, IncidentMemory
+from tolaria.tamiyo.emergency import ChanceLevel, Emergency, EmergencyDetector, IncidentMemory
 from tolaria.tamiyo.policy import (
     Decision,
     GraftOption,
@@ -14,6 +14,7 @@ from tolaria.tamiyo.policy import (
 )
 
 __all__ = [
+    "ChanceLevel",
     "Decision",
     "DecisionLog",
     "DecisionRecord",

@@ -48,7 +48,7 @@ from tolaria.contracts import (
 from tolaria.errors import BlueprintError, CheckpointError, ConfigError, RepeatedFailureError
 from tolaria.kasmina import KasminaSeed, available_blueprints, collect_telemetry, get_blueprint
 from tolaria.tamiyo.decisions import DecisionLog, GrowthLedger
-from tolaria.tamiyo.emergency import Emergency, EmergencyDetector, IncidentMemory
+from tolaria.tamiyo.emergency import ChanceLevel, Emergency, EmergencyDetector, IncidentMemory
 from tolaria.tamiyo.growth import GrowthPoint, growth_points
 from tolaria.tamiyo.policy import Decision, GraftOption, Observation, Policy, SeedView, make_policy
 
@@ -83,14 +83,21 @@ class TamiyoController:
         config: TamiyoConfig,
         kasmina_config: KasminaConfig,
         *,
-        num_classes: int,
         host_parameters: int,
+        chance: ChanceLevel | None = None,
+        num_classes: int | None = None,
         event_sink: Callable[..., None] | None = None,
         policy: Policy | None = None,
         epochs_total: int = 0,
     ) -> None:
-        if num_classes < 2:
-            raise ConfigError(f"TamiyoController: num_classes must be >= 2, got {num_classes}")
+        """``chance`` is what knowing nothing scores on the task (``tolaria.task`` measures
+        it); ``num_classes`` is the short form for classification with cross-entropy."""
+        if (chance is None) == (num_classes is None):
+            raise ConfigError("TamiyoController: give exactly one of chance and num_classes")
+        if num_classes is not None:
+            if num_classes < 2:
+                raise ConfigError(f"TamiyoController: num_classes must be >= 2, got {num_classes}")
+            chance = ChanceLevel.of_classes(num_classes)
         unknown = [name for name in config.blueprints if name not in available_blueprints()]
         if unknown:
             raise ConfigError(
@@ -99,7 +106,7 @@ class TamiyoController:
             )
         self.config = config
         self.kasmina_config = kasmina_config
-        self.num_classes = num_classes
+        self.chance = chance
         self.host_parameters, self.epochs_total = host_parameters, epochs_total
         self.param_budget = int(config.param_budget_fraction * host_parameters)
         self.policy = policy if policy is not None else make_policy(config)
@@ -119,7 +126,7 @@ class TamiyoController:
     def _new_detector(self) -> EmergencyDetector:
         cfg = self.config
         return EmergencyDetector(
-            num_classes=self.num_classes,
+            chance=self.chance,
             collapse_margin=cfg.collapse_margin,
             chance_loss_factor=cfg.chance_loss_factor,
             divergence_factor=cfg.divergence_factor,
@@ -288,15 +295,21 @@ class TamiyoController:
         if seed.state is not SeedState.DORMANT or seed.chunk_shape is None:
             return ()
         options = []
+        shape = tuple(seed.chunk_shape)
         for name in self.config.blueprints:
-            cost = self._param_cost(name, tuple(seed.chunk_shape))
+            cost = self._param_cost(name, shape)
             if cost is not None:
+                blueprint = get_blueprint(name)
                 options.append(
                     GraftOption(
                         blueprint=name,
                         param_cost=cost,
                         penalty=self.penalties.get((seed.seed_id, name), 0.0),
                         forbidden=self.incidents.is_forbidden(seed.seed_id, name),
+                        kind=blueprint.kind,
+                        receptive_field=blueprint.receptive_field(
+                            shape, **self.config.blueprint_kwargs.get(name, {})
+                        ),
                     )
                 )
         return tuple(options)

@@ -4,15 +4,17 @@ Three emergencies end an epoch with ``emergency_rollback_required``:
 
 * ``nonfinite_loss`` -- the training or validation loss is NaN or infinite;
 * ``divergence`` -- the training or validation loss exceeds ``chance_loss_factor`` times
-  the chance level ``ln(num_classes)`` (the loss of a uniform guess), from the first epoch
-  on: a model that bad has diverged, not merely stalled; or the validation loss exceeds
+  the chance level (the loss of an output that knows nothing: a uniform guess, ``ln(classes)``
+  for cross-entropy; for regression, predicting the training targets' mean), from the first
+  epoch on: a model that bad has diverged, not merely stalled; or the validation loss exceeds
   ``divergence_factor`` times the best
   validation loss of the last ``divergence_window`` epochs (or times
   ``divergence_loss_floor``, whichever is larger), for ``divergence_epochs`` consecutive
   epochs.  The floor keeps a model that fits its data almost perfectly from "diverging"
   when its loss wobbles from 1e-5 to 1e-4;
-* ``collapse`` -- validation accuracy falls to chance, ``1 / num_classes +
-  collapse_margin``, after the model had once been above it.
+* ``collapse`` -- the validation score falls to chance plus ``collapse_margin`` after the
+  model had once been above it: accuracy ``1 / classes``, R² 0 (the mean's); a score whose
+  chance level is not known by definition has no collapse check.
 
 An incident is keyed by ``"{kind}@{epoch}"``: a rollback replays the epochs after the
 restored snapshot deterministically, so the same failure recurring at the same epoch
@@ -33,6 +35,26 @@ from tolaria.contracts import SystemStatePacket
 
 
 @dataclass(frozen=True)
+class ChanceLevel:
+    """What knowing nothing scores on this task: the detector's reference for "this bad".
+
+    ``loss``: the loss of an output that knows nothing (not positive, e.g. for a
+    log-likelihood loss: no chance-level divergence check); ``score``: the validation score
+    of chance, None where it is not known by definition (no collapse check); ``what``: how
+    the reference was found, for the incident's reason.
+    """
+
+    loss: float
+    score: float | None
+    what: str
+
+    @classmethod
+    def of_classes(cls, num_classes: int) -> ChanceLevel:
+        """A uniform guess over ``num_classes``: cross-entropy ``ln(C)``, accuracy ``1/C``."""
+        return cls(math.log(num_classes), 1.0 / num_classes, "ln(classes), a uniform guess")
+
+
+@dataclass(frozen=True)
 class Emergency:
     kind: str
     epoch: int
@@ -49,7 +71,7 @@ class EmergencyDetector:
     def __init__(
         self,
         *,
-        num_classes: int,
+        chance: ChanceLevel,
         collapse_margin: float,
         chance_loss_factor: float,
         divergence_factor: float,
@@ -57,8 +79,10 @@ class EmergencyDetector:
         divergence_window: int,
         divergence_loss_floor: float,
     ) -> None:
-        self.chance = 1.0 / num_classes
-        self.loss_limit = chance_loss_factor * math.log(num_classes)
+        self.chance = chance
+        # A multiple of a chance loss <= 0 (a log-likelihood can be negative) says nothing.
+        usable = math.isfinite(chance.loss) and chance.loss > 0
+        self.loss_limit = chance_loss_factor * chance.loss if usable else math.inf
         self.chance_loss_factor = chance_loss_factor
         self.collapse_margin = collapse_margin
         self.divergence_factor = divergence_factor
@@ -89,17 +113,18 @@ class EmergencyDetector:
                     "divergence",
                     epoch,
                     f"{name} loss {value:.4g} > {self.chance_loss_factor} x the chance level "
-                    f"ln(classes) = {self.loss_limit / self.chance_loss_factor:.3g}",
+                    f"{self.chance.loss:.3g} ({self.chance.what})",
                 )
 
-        floor = self.chance + self.collapse_margin
-        if packet.validation_accuracy <= floor < self.best_accuracy:
-            return Emergency(
-                "collapse",
-                epoch,
-                f"validation accuracy {packet.validation_accuracy:.4f} fell to chance "
-                f"(<= {floor:.4f}) after reaching {self.best_accuracy:.4f}",
-            )
+        if self.chance.score is not None:
+            floor = self.chance.score + self.collapse_margin
+            if packet.validation_accuracy <= floor < self.best_accuracy:
+                return Emergency(
+                    "collapse",
+                    epoch,
+                    f"validation score {packet.validation_accuracy:.4f} fell to chance "
+                    f"(<= {floor:.4f}) after reaching {self.best_accuracy:.4f}",
+                )
 
         reference = max(min(self.recent_losses, default=math.inf), self.divergence_loss_floor)
         if packet.validation_loss > self.divergence_factor * reference:

@@ -15,7 +15,10 @@ Global features (:data:`GLOBAL_FEATURES`), the same for every candidate:
   budget_left         growth budget left, as a fraction of the budget
   on_trial            seeds on trial / seeds
   dormant             DORMANT seeds / seeds
-  memory_headroom     available / total system memory
+  accelerator         1 on a CUDA device, else 0
+
+The hardware enters as its class, not its load: free memory changes from second to second,
+and a decision that read it would differ between a run and its resume (invariant 8).
 
 Candidate features (:data:`CANDIDATE_FEATURES`), one row per (DORMANT seed, blueprint):
   dead, saturated     the seed's telemetry (fractions of its chunk's units)
@@ -43,7 +46,7 @@ from tolaria.tamiyo.policy import Observation
 
 GLOBAL_FEATURES = (
     "epoch_fraction", "trend_3", "trend_1", "stale", "gap", "score", "budget_left",
-    "on_trial", "dormant", "memory_headroom",
+    "on_trial", "dormant", "accelerator",
 )
 CANDIDATE_FEATURES = (
     "dead", "saturated", "grad", "depth", "width", *(f"kind_{k}" for k in BLUEPRINT_KINDS),
@@ -82,8 +85,7 @@ def global_features(observation: Observation) -> list[float]:
         _ratio(observation.param_budget_left, observation.param_budget),
         _ratio(sum(s.state.is_active for s in seeds), len(seeds)),
         _ratio(sum(s.state is SeedState.DORMANT for s in seeds), len(seeds)),
-        _ratio(hardware.system_memory_available_bytes, hardware.system_memory_total_bytes)
-        if hardware is not None else 0.0,
+        float(hardware is not None and hardware.device_type == "cuda"),
     ]
 
 

@@ -21,8 +21,8 @@ from tolaria.tamiyo.features import CANDIDATE_FEATURES, GLOBAL_FEATURES
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "global_features": len(GLOBAL_FEATURES),
     "candidate_features": len(CANDIDATE_FEATURES),
-    "hidden": 32,
-    "wait_hidden": 16,
+    "hidden": 16,
+    "wait_hidden": 8,
 }
 
 
