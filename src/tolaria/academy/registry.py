@@ -115,8 +115,7 @@ def read_version(path: Path, name: str) -> PolicyVersion:
         raise PolicyVersionError(f"{card_path}: adapter_sha256 is not an object")
     expected.update({f"{ADAPTER_DIR}/{file}": digest for file, digest in adapter.items()})
     for file, digest in expected.items():
-        read = data if file == POLICY_FILE else None
-        content = read if read is not None else read_whole(path / file, PolicyVersionError)
+        content = data if file == POLICY_FILE else read_whole(path / file, PolicyVersionError)
         if _sha256(content) != digest:
             raise PolicyVersionError(
                 f"{path / file}: SHA-256 differs from {CARD_FILE}'s (damaged or replaced)"
