@@ -76,18 +76,21 @@ def test_the_readme_has_the_commands_this_file_checks():
     assert {"grow.yaml", "mymodels.py"} <= file_blocks().keys()
 
 
-def subcommands() -> dict[str, argparse.ArgumentParser]:
-    (commands_action,) = [a for a in _parser()._actions if a.dest == "command"]
-    return commands_action.choices
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {name: sub for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()}
 
 
 @pytest.mark.parametrize("tokens", SYNOPSES, ids=" ".join)
 def test_each_usage_line_names_real_subcommands_and_flags(tokens):
-    main = _parser()
-    options = {o for action in main._actions for o in action.option_strings}
-    if not tokens[1].startswith("-"):
-        options |= {o for action in subcommands()[tokens[1]]._actions
-                    for o in action.option_strings}
+    parser = _parser()
+    options = {o for action in parser._actions for o in action.option_strings}
+    for token in tokens[1:]:  # down the subcommands it names (`tolaria academy promote`)
+        if token not in subcommands(parser):
+            break
+        parser = subcommands(parser)[token]
+        options |= {o for action in parser._actions for o in action.option_strings}
     flags = {flag for token in tokens[1:] for flag in re.findall(r"--[a-z][a-z-]*", token)}
     assert flags <= options, f"unknown flags {sorted(flags - options)}"
 
@@ -232,4 +235,4 @@ def test_each_api_name_the_lightning_table_names_exists(name):
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_each_subcommand_the_lightning_table_names_exists(name):
-    assert name in subcommands()
+    assert name in subcommands(_parser())

@@ -45,3 +45,13 @@ def fsync_dir(path: Path) -> None:
         pass  # some filesystems refuse fsync on directories; nothing more we can do
     finally:
         os.close(fd)
+
+
+def read_whole(path: Path, error: type[Exception]) -> bytes:
+    """``path``'s bytes; a missing or unreadable file is one ``error`` naming it."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: missing") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None

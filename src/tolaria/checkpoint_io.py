@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from tolaria.atomic import fsync_dir
+from tolaria.atomic import fsync_dir, read_whole
 from tolaria.errors import CheckpointError
 
 FORMAT = "tolaria.checkpoint"
@@ -235,7 +235,8 @@ def read_checkpoint_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     names the file and the cause.
     """
     path = Path(path)
-    manifest = _parse_json(path / MANIFEST_FILE, _read(path / MANIFEST_FILE))
+    manifest_file = path / MANIFEST_FILE
+    manifest = _parse_json(manifest_file, read_whole(manifest_file, CheckpointError))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path / MANIFEST_FILE}: not a Tolaria checkpoint manifest")
     if manifest.get("version") != VERSION:
@@ -251,7 +252,7 @@ def read_checkpoint_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     for name, entry in expected.items():
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path / MANIFEST_FILE}: malformed entry for {name}")
-        data = _read(path / name)
+        data = read_whole(path / name, CheckpointError)
         if len(data) != entry.get("bytes"):
             raise CheckpointError(
                 f"{path / name}: size {len(data)} bytes, manifest says {entry.get('bytes')} "
@@ -271,15 +272,6 @@ def read_checkpoint_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
             f"{path / TENSORS_FILE}: not a valid safetensors file ({exc})"
         ) from None
     return tensors, state
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def _parse_json(path: Path, data: bytes) -> Any:

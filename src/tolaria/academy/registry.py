@@ -48,7 +48,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tolaria.academy.replay import REPLAY_FILE, ReplayBuffer
-from tolaria.atomic import fsync_dir, write_atomic
+from tolaria.atomic import fsync_dir, read_whole, write_atomic
 from tolaria.errors import PolicyVersionError, ReplayError
 
 POLICY_FILE = "policy.safetensors"
@@ -98,7 +98,7 @@ def read_version(path: Path, name: str) -> PolicyVersion:
     path = Path(path)
     card_path = path / CARD_FILE
     try:
-        card = json.loads(_read(card_path))
+        card = json.loads(read_whole(card_path, PolicyVersionError))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
         raise PolicyVersionError(f"{card_path}: not JSON ({exc})") from None
     if not isinstance(card, dict):
@@ -108,14 +108,14 @@ def read_version(path: Path, name: str) -> PolicyVersion:
         raise PolicyVersionError(f"{card_path}: lacks {', '.join(missing)}")
     if card["version"] != name:
         raise PolicyVersionError(f"{card_path}: names version {card['version']!r}, not {name}")
-    data = _read(path / POLICY_FILE)
+    data = read_whole(path / POLICY_FILE, PolicyVersionError)
     expected = {POLICY_FILE: card["sha256"]}
     adapter = card.get("adapter_sha256", {})
     if not isinstance(adapter, dict):
         raise PolicyVersionError(f"{card_path}: adapter_sha256 is not an object")
     expected.update({f"{ADAPTER_DIR}/{file}": digest for file, digest in adapter.items()})
     for file, digest in expected.items():
-        content = data if file == POLICY_FILE else _read(path / file)
+        content = data if file == POLICY_FILE else read_whole(path / file, PolicyVersionError)
         if _sha256(content) != digest:
             raise PolicyVersionError(
                 f"{path / file}: SHA-256 differs from {CARD_FILE}'s (damaged or replaced)"
@@ -395,15 +395,6 @@ def _record(replay: ReplayBuffer, done: str, **attempt: Any) -> None:
         replay.record_attempt(**attempt, finished=time.time())
     except ReplayError as exc:
         raise PolicyVersionError(f"{done}, but it is not on record: {exc}") from None
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise PolicyVersionError(f"{path}: missing") from None
-    except OSError as exc:
-        raise PolicyVersionError(f"{path}: unreadable ({exc.strerror or exc})") from None
 
 
 def _sha256(data: bytes) -> str:
