@@ -261,7 +261,7 @@ def test_a_run_records_its_row_points_and_outcomes(tiny_config, tiny_data, tmp_p
     [run] = buffer.runs()
     assert run["run_id"] == str((tmp_path / "run").resolve())
     assert run["task"] == "blobs/mlp[16,16]" and run["status"] == "completed"
-    assert run["fingerprint"] == {"dataset": "blobs", "host": "mlp",
+    assert run["fingerprint"] == {"dataset": "blobs", "dataset_kwargs": {}, "host": "mlp",
                                   "host_kwargs": {"hidden": [16, 16]}, "input_shape": [12],
                                   "num_classes": 4, "params": trainer.params_initial}
     assert run["config"] == tiny_config.model_dump(mode="json")
@@ -371,6 +371,16 @@ def test_the_task_key_names_dataset_host_and_its_resolved_arguments():
     config.model = ModelConfig(host="cnn2d", kwargs={"channels": [8, 16]})
     digits = SimpleNamespace(name="digits", input_shape=(1, 8, 8), num_classes=10)
     assert task_key(task_fingerprint(config, digits, 1)) == "digits/cnn2d[8,16](kernel_size=3)"
+    # Two families of one generator on one host are two tasks.
+    config = TolariaConfig()
+    synthetic = SimpleNamespace(name="tolaria.academy.tasks:synthetic", input_shape=(8,),
+                                num_classes=6)
+    keys = set()
+    for family in ("rings", "clusters"):
+        config.data.kwargs = {"family": family, "size": 8}
+        keys.add(task_key(task_fingerprint(config, synthetic, 100)))
+    assert keys == {"synthetic(family=rings,size=8)/mlp[32,32]",
+                    "synthetic(family=clusters,size=8)/mlp[32,32]"}
 
 
 def test_the_academy_is_its_field_else_the_variable_else_beside_the_runs(monkeypatch):

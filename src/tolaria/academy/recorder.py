@@ -127,6 +127,7 @@ def task_fingerprint(config: Any, data: Any, host_params: int) -> dict[str, Any]
     and the host's parameter count."""
     return {
         "dataset": data.name,
+        "dataset_kwargs": dict(config.data.kwargs),
         "host": config.model.host,
         "host_kwargs": host_arguments(config.model.host, config.model.kwargs),
         "input_shape": list(data.input_shape),
@@ -157,11 +158,14 @@ def _plain_value(value: Any) -> bool:
 
 def task_key(fingerprint: Mapping[str, Any]) -> str:
     """A short name that groups runs of one task: ``mnist1d/mlp[32,32]``,
-    ``digits/cnn2d[8,16](kernel_size=3)``."""
+    ``digits/cnn2d[8,16](kernel_size=3)``, ``synthetic(family=rings,size=8)/mlp[32,32]``."""
     kwargs = dict(fingerprint["host_kwargs"])
     widths = next((kwargs.pop(n) for n in WIDTH_ARGUMENTS if isinstance(kwargs.get(n), list)),
                   None)
-    key = f"{fingerprint['dataset']}/{fingerprint['host']}"
+    dataset = fingerprint["dataset"].rpartition(":")[2]  # a module:function: its function
+    if options := fingerprint.get("dataset_kwargs"):
+        dataset += "(" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
+    key = f"{dataset}/{fingerprint['host']}"
     if widths is not None:
         key += "[" + ",".join(map(str, widths)) + "]"
     if kwargs:
