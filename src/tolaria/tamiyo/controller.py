@@ -35,8 +35,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from tolaria.config import KasminaConfig, TamiyoConfig
 from tolaria.contracts import (
     Adaptation,
@@ -46,11 +44,12 @@ from tolaria.contracts import (
     SystemStatePacket,
 )
 from tolaria.errors import BlueprintError, CheckpointError, ConfigError, RepeatedFailureError
-from tolaria.kasmina import KasminaSeed, available_blueprints, collect_telemetry, get_blueprint
+from tolaria.kasmina import KasminaSeed, collect_telemetry
+from tolaria.tamiyo.catalog import GraftCatalog
 from tolaria.tamiyo.decisions import DecisionLog, GrowthLedger
 from tolaria.tamiyo.emergency import ChanceLevel, Emergency, EmergencyDetector, IncidentMemory
 from tolaria.tamiyo.growth import GrowthPoint, growth_points
-from tolaria.tamiyo.policy import Decision, GraftOption, Observation, Policy, SeedView, make_policy
+from tolaria.tamiyo.policy import Decision, Observation, Policy, SeedView, make_policy
 
 #: 2: the plateau tracker moved into the policy's own state.  3: the loss history and the
 #: growth ledger joined it (a version-2 state loads with both empty).
@@ -98,12 +97,7 @@ class TamiyoController:
             if num_classes < 2:
                 raise ConfigError(f"TamiyoController: num_classes must be >= 2, got {num_classes}")
             chance = ChanceLevel.of_classes(num_classes)
-        unknown = [name for name in config.blueprints if name not in available_blueprints()]
-        if unknown:
-            raise ConfigError(
-                f"tamiyo.blueprints: unknown blueprint(s) {unknown} "
-                f"(available: {sorted(available_blueprints())})"
-            )
+        self.catalog = GraftCatalog(config, kasmina_config)
         self.config = config
         self.kasmina_config = kasmina_config
         self.chance = chance
@@ -114,7 +108,6 @@ class TamiyoController:
         self.event_sink = event_sink if event_sink is not None else _discard
         self._seeds: dict[str, KasminaSeed] = {}
         self._health: dict[str, SeedTelemetry] = {}
-        self._costs: dict[tuple[str, tuple[int, ...]], int | None] = {}
         self.penalties: dict[tuple[str, str], float] = {}
         self.detector = self._new_detector()
         self.incidents = IncidentMemory()
@@ -148,35 +141,9 @@ class TamiyoController:
             self._modules.append(module)
 
     def check_grafts(self) -> None:
-        """Build every configured blueprint once on every chunk shape the seeds have (after
-        a forward pass taught them), so that a graft that can never happen is refused now,
-        in one line, rather than found at the first plateau -- or never.
-
-        ``ConfigError`` if ``blueprint_kwargs`` break a blueprint on a chunk it supports,
-        or if no configured blueprint fits any seed.  The global RNG is left untouched.
-        """
-        by_shape = {tuple(s.chunk_shape): s for s in self._seeds.values() if s.chunk_shape}
-        if not by_shape:
-            return
-        fits = 0
-        for name in self.config.blueprints:
-            kwargs = self.config.blueprint_kwargs.get(name, {})
-            for shape, seed in by_shape.items():
-                if self._param_cost(name, shape) is None:
-                    continue  # this blueprint does not support this chunk: fine elsewhere
-                try:
-                    with torch.random.fork_rng(devices=[]):
-                        seed.build_blueprint(name, kwargs)
-                except BlueprintError as exc:
-                    raise ConfigError(f"tamiyo.blueprint_kwargs.{name}: {exc}") from None
-                fits += 1
-        if not fits:
-            raise ConfigError(
-                f"tamiyo.blueprints={self.config.blueprints}: none fits any seed's chunk "
-                f"(chunk shapes {sorted(by_shape)} at kasmina.layers="
-                f"{self.kasmina_config.layers}); choose blueprints for these layers "
-                f"(available: {available_blueprints()})"
-            )
+        """Refuse now, in one line, a configured graft that can never happen
+        (:meth:`GraftCatalog.check`)."""
+        self.catalog.check(self._seeds.values())
 
     # ------------------------------------------------------------------ epoch boundary
     def on_epoch_boundary(self, epoch: int) -> None:
@@ -228,7 +195,7 @@ class TamiyoController:
                 blueprint=seed.blueprint_name,
                 param_count=seed.param_count(),
                 telemetry=packet.health_map.get(seed_id),
-                options=self._graft_options(seed),
+                options=self.catalog.options(seed, self.penalties, self.incidents),
                 implicated=self.incidents.is_forbidden(seed_id, seed.blueprint_name),
                 chunk_shape=tuple(seed.chunk_shape) if seed.chunk_shape else None,
                 depth=self._depth(seed_id),
@@ -290,44 +257,6 @@ class TamiyoController:
         return AdaptationSignal(
             optimizer_rebuild_required=rebuild, reason=reason, adaptations=tuple(adaptations)
         )
-
-    def _graft_options(self, seed: KasminaSeed) -> tuple[GraftOption, ...]:
-        if seed.state is not SeedState.DORMANT or seed.chunk_shape is None:
-            return ()
-        options = []
-        shape = tuple(seed.chunk_shape)
-        for name in self.config.blueprints:
-            cost = self._param_cost(name, shape)
-            if cost is not None:
-                blueprint = get_blueprint(name)
-                options.append(
-                    GraftOption(
-                        blueprint=name,
-                        param_cost=cost,
-                        penalty=self.penalties.get((seed.seed_id, name), 0.0),
-                        forbidden=self.incidents.is_forbidden(seed.seed_id, name),
-                        kind=blueprint.kind,
-                        receptive_field=blueprint.receptive_field(
-                            shape, **self.config.blueprint_kwargs.get(name, {})
-                        ),
-                    )
-                )
-        return tuple(options)
-
-    def _param_cost(self, name: str, chunk_shape: tuple[int, ...]) -> int | None:
-        """Parameters of ``name`` on this chunk shape, None if it does not fit (memoised)."""
-        key = (name, chunk_shape)
-        if key not in self._costs:
-            blueprint = get_blueprint(name)
-            kwargs = self.config.blueprint_kwargs.get(name, {})
-            try:
-                fits = blueprint.supports(chunk_shape)
-                self._costs[key] = blueprint.param_cost(chunk_shape, **kwargs) if fits else None
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(
-                    f"tamiyo.blueprint_kwargs.{name}: {kwargs!r} do not fit {name!r} ({exc})"
-                ) from None
-        return self._costs[key]
 
     def _apply(self, decision: Decision, observation: Observation) -> Adaptation | None:
         """Issue one command to its seed; log it.  None if the germination was refused."""
