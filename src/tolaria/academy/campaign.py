@@ -11,6 +11,7 @@ runs, nothing more.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from tolaria.config import TamiyoConfig, TolariaConfig, load_config
 from tolaria.contracts import Adaptation, SeedState
+from tolaria.errors import RepeatedFailureError
 from tolaria.tamiyo.growth import Candidate, feasible, graft, sample_action
 from tolaria.tamiyo.policy import Decision, HeuristicPolicy, Observation
 
@@ -152,5 +154,8 @@ def run_campaign(
             on_run(task.name, seed, index)
         config = campaign_config(task, seed, size.epochs, root)
         run_dir = root / "runs" / f"{index:03d}-{config.run.name}"
-        build_trainer(config, run_dir=run_dir).train()
+        # Exploration may find a graft that keeps diverging: the run stops, and its incidents
+        # are in the replay like any outcome.
+        with contextlib.suppress(RepeatedFailureError):
+            build_trainer(config, run_dir=run_dir).train()
     return root / "academy"
