@@ -82,3 +82,23 @@ def test_the_shipped_v0_loads_and_records_how_it_was_made():
     assert version.card["trained_on"]["campaign"] == {
         "tasks": SIZES["full"].tasks, "seeds": SIZES["full"].seeds, "epochs": SIZES["full"].epochs
     }
+
+
+def test_a_run_the_controller_stops_does_not_end_the_campaign(monkeypatch, tmp_path):
+    from tolaria.academy import campaign
+    from tolaria.errors import RepeatedFailureError
+
+    trained = []
+
+    class Trainer:
+        def __init__(self, config, run_dir):
+            self.name = config.run.name
+
+        def train(self):
+            trained.append(self.name)
+            if len(trained) == 1:
+                raise RepeatedFailureError("divergence happened 3 times", kind="divergence")
+
+    monkeypatch.setattr("tolaria.build.build_trainer", Trainer)
+    campaign.run_campaign(tmp_path, campaign.CampaignSize(tasks=2, seeds=1, epochs=1))
+    assert len(trained) == 2  # the second run still ran
