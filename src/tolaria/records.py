@@ -200,7 +200,9 @@ class DecisionPoint(EventRecord):
     slot: int
     policy: str
     policy_version: str | None
-    observation: Mapping[str, Any]
+    #: The ``Observation`` the policy decided on: it becomes JSON (``to_dict``) only when a
+    #: listener writes the record, so a run nobody records pays nothing for it.
+    observation: Any
     #: ``{seed_id, blueprint, param_cost, penalty, forbidden, kind, receptive_field}``.
     candidates: tuple[Mapping[str, Any], ...]
     #: 0: wait; i: ``candidates[i - 1]``.

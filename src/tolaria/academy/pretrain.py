@@ -85,16 +85,18 @@ def rewarded(
 def examples(points: Iterable[Mapping[str, Any]]) -> Examples:
     """The trainable decision points: a known reward and a known propensity."""
     g_rows, c_rows, owner, chosen_rows, rewards, weights = [], [], [], [], [], []
+    offset = 0  # candidate rows so far: where this point's rows start
     for point in points:
         if point.get("reward") is None or not point.get("propensity"):
             continue
         observation = Observation.from_dict(point["observation"])
         g, c = encode(observation, _candidates(observation, point["candidates"]))
-        index, offset = len(g_rows), sum(len(rows) for rows in c_rows)
+        index = len(g_rows)
         g_rows.append(g)
         c_rows.append(c)
         owner += [index] * len(c)
         chosen_rows.append(offset + point["chosen"] - 1 if point["chosen"] else -1)
+        offset += len(c)
         rewards.append(float(point["reward"]))
         weights.append(min(1.0 / float(point["propensity"]), MAX_WEIGHT))
     if not g_rows:

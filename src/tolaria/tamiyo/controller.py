@@ -231,16 +231,14 @@ class TamiyoController:
         if plan.emergency is not None:
             return self._on_emergency(plan.emergency, observation.packet)
         before = self._trainable_signature()
-        if plan.points:
-            raw = observation.to_dict()
-            for point in plan.points:
-                self.growth.record(
-                    point,
-                    epoch=observation.packet.current_epoch,
-                    observation=raw,
-                    policy=self.config.policy,
-                    policy_version=getattr(self.policy, "version", None),
-                )
+        for point in plan.points:
+            self.growth.record(
+                point,
+                epoch=observation.packet.current_epoch,
+                observation=observation,
+                policy=self.config.policy,
+                policy_version=getattr(self.policy, "version", None),
+            )
         adaptations: list[Adaptation] = []
         failed: set[str] = set()
         for decision in plan.decisions:

@@ -159,9 +159,10 @@ class GrowthLedger:
         self.undone: dict[str, _OpenPoint] = {}
 
     def record(
-        self, point: Any, *, epoch: int, observation: dict[str, Any], **about: Any
+        self, point: Any, *, epoch: int, observation: Any, **about: Any
     ) -> None:
-        """Log ``point`` (a ``GrowthPoint``); ``about``: policy and policy_version."""
+        """Log ``point`` (a ``GrowthPoint``) taken on ``observation``; ``about``: policy and
+        policy_version."""
         point_id = f"p{self.next_id}"
         self.next_id += 1
         self._emit(

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tolaria.config import TamiyoConfig
+from tolaria.config import TamiyoConfig, TolariaConfig
 from tolaria.contracts import Adaptation
 from tolaria.tamiyo.features import encode
 from tolaria.tamiyo.growth import Candidate, feasible, graft, sample_action
@@ -49,7 +49,8 @@ class LearnedPolicy:
         self.config = config
         self.gates = LifecycleGates(config)
         self.seed = seed
-        self.academy_dir = Path(academy_dir) if academy_dir else Path("runs/academy")
+        # Without one given: where a run with the default config keeps its academy.
+        self.academy_dir = Path(academy_dir) if academy_dir else TolariaConfig().academy_dir()
         if scorer is None:
             scorer, version = self._from_registry(config.policy_version)
         self.scorer, self.version = scorer.eval(), version
