@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[dev,mlflow]"
+	$(BIN)/pip install -q -e ".[dev,mlflow,academy,dashboard]"
 	touch $@
 
 demo: setup
@@ -41,7 +41,7 @@ bench: $(VENV)/.bench-installed
 # Lightning is a benchmark contender only, so `setup` (and with it demo and test) leaves it
 # out; the torch pin keeps its dependency on torch from replacing the CPU build.
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev,mlflow,bench]" "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[dev,mlflow,academy,dashboard,bench]" "$(TORCH_PIN)"
 	touch $@
 
 # The CUDA paths (device placement of host and grafts, bf16 autocast, no per-batch host

@@ -333,6 +333,57 @@ class TamiyoConfig(Section):
 ACADEMY_VARIABLE = "TOLARIA_ACADEMY"
 
 
+class GatesConfig(Section):
+    """The validation gates a nightly candidate must pass, each strictly (design §6.3,
+    ACADEMY.md §4; docs/academy.md says what each measures)."""
+
+    #: Candidate's final validation score over the champion's on the historical tasks
+    #: (capped at 1 per task, averaged).
+    history_score: float = Field(0.95, ge=0, le=1)
+    #: Fraction of held-out decision points whose greedy choice survives hardware swaps and
+    #: measurement noise.
+    hardware_stability: float = Field(0.97, ge=0, le=1)
+    #: Normalised entropy of the candidate's marginal action distribution, wait included.
+    diversity_score: float = Field(0.4, ge=0, le=1)
+
+
+class NightlyConfig(Section):
+    """The nightly session: a LoRA adapter on the champion, trained in a sandbox process on
+    the replay buffer with an EWC penalty, then gated (``tolaria nightly``, ACADEMY.md §4)."""
+
+    #: LoRA rank and scaling (the update is ``alpha / rank · B·A``) on the scorer's layers.
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    #: Full-batch optimisation steps and their learning rate.
+    steps: int = Field(300, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    #: Weight of the EWC penalty on the adapter's update (0: none).
+    ewc: float = Field(1.0, ge=0)
+    #: Importance weights ``1/propensity`` are clipped at this.
+    importance_clip: float = Field(10.0, ge=1)
+    #: Held-out share of the new decision points (the stability and diversity gates' data).
+    held_out: float = Field(0.2, gt=0, lt=1)
+    #: Historical tasks the history gate continues (newest first), and for how many epochs.
+    history_tasks: int = Field(3, ge=1)
+    history_epochs: int = Field(8, ge=1)
+    #: Relative measurement noise of the hardware-stability gate's perturbations.
+    noise: float = Field(0.01, ge=0)
+    #: The sandbox process's address-space cap (GiB) and wall-clock budget (seconds): the
+    #: session's allotted time.
+    memory_gib: float = Field(4.0, gt=0)
+    budget_s: float = Field(1800.0, gt=0)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+
+class AutoRevertConfig(Section):
+    """Design §6.4 ``Emergency_Rollback -> Policy_vN``: a run whose trouble a newly deployed
+    version caused reverts the champion."""
+
+    enabled: bool = True
+    #: Revert also when the version's incidents per run exceed its parent's by this much.
+    incident_margin: float = Field(0.5, ge=0)
+
+
 class AcademyConfig(Section):
     """Where the academy keeps what runs teach it (docs/academy.md)."""
 
@@ -342,6 +393,10 @@ class AcademyConfig(Section):
     dir: str | None = None
     #: Record every run with a run directory in the replay buffer (decision points, outcomes).
     replay: bool = True
+    #: The nightly session that trains the next policy version.
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    #: Reverting a deployed version that fails at run time.
+    auto_revert: AutoRevertConfig = Field(default_factory=AutoRevertConfig)
 
 
 class MetricConfig(Section):
