@@ -384,6 +384,25 @@ class AutoRevertConfig(Section):
     incident_margin: float = Field(0.5, ge=0)
 
 
+class MonitorConfig(Section):
+    """Alert thresholds of the monitor (design §7 table, ACADEMY.md §5; docs/monitor.md).
+    An alert fires when a metric is past its threshold: below the ``*_below`` ones, above
+    the others."""
+
+    #: Deploys / nightly attempts.
+    policy_success_rate_below: float = Field(0.90, ge=0, le=1)
+    #: Mean total-variation distance between candidate and champion on held-out points.
+    validation_divergence_above: float = Field(0.1, ge=0, le=1)
+    #: Wall time of a session's adapter training, seconds.
+    adapter_training_s_above: float = Field(3600.0, gt=0)
+    #: Hardware profiles tested / profiles seen in daytime runs.
+    hardware_coverage_below: float = Field(0.95, ge=0, le=1)
+    #: A running run whose heartbeat is older than this is stalled, seconds.
+    heartbeat_stall_s: float = Field(60.0, gt=0)
+    #: Rollbacks in one run from which it is alerted on.
+    rollbacks_above: int = Field(0, ge=0)
+
+
 class AcademyConfig(Section):
     """Where the academy keeps what runs teach it (docs/academy.md)."""
 
@@ -397,6 +416,8 @@ class AcademyConfig(Section):
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
     #: Reverting a deployed version that fails at run time.
     auto_revert: AutoRevertConfig = Field(default_factory=AutoRevertConfig)
+    #: The monitor's alert thresholds (design §7).
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
 
 class MetricConfig(Section):
