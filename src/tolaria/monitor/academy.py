@@ -429,7 +429,7 @@ class TrainingMonitor:
     def _session(self, attempt: dict[str, Any]) -> NightlySession:
         detail = _detail(attempt)
         gates, failed_on_card = _gates(detail.get("gates"))
-        failed = detail.get("failed_gate", failed_on_card)
+        failed = detail.get("failed_gate") or failed_on_card
         session = _session_id(attempt)
         return NightlySession(
             session=session, version=attempt["version"] or None, parent=attempt["parent"],
