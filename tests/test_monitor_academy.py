@@ -355,3 +355,12 @@ def test_publish_writes_the_metrics_as_scalars_and_the_alerts_as_text(academy, r
     assert step == 3 and "failed: killed" in failed and "failed: timed out after 12 s" in failed
     ((_, rate),) = texts["academy/alerts/policy_success_rate/text_summary"]
     assert "is below 90%" in rate
+
+
+def test_a_session_id_that_is_a_path_reads_nothing_outside_the_academy(academy, replay):
+    outside = academy.parent / "elsewhere"
+    outside.mkdir()
+    (outside / "session.json").write_text(json.dumps({"steps": [{"name": "snapshot"}]}))
+    nightly(replay, "deployed", finished=NOW, session="../../elsewhere")
+    (only,) = TrainingMonitor(academy).sessions()
+    assert only.session == "../../elsewhere" and only.steps == []

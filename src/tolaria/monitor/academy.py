@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ from tolaria.monitor.alerts import Alert
 ATTEMPT_OUTCOMES = ("deployed", "rejected", "failed")
 #: How an automatic revert's reason starts (a revert by hand is no alert).
 AUTO_REVERT = "auto-revert"
+#: A session id that names a folder of ``<academy>/nightly`` (``YYYYMMDDTHHMMSSZ``).
+_SESSION_NAME = re.compile(r"[\w-]+")
 #: What a metric's window says before the first nightly attempt.
 NO_SESSION = "no nightly session yet"
 #: Where :func:`publish_to_tensorboard` writes, under the academy directory.
@@ -447,6 +450,8 @@ class TrainingMonitor:
 
     def _steps(self, session: str) -> list[dict[str, Any]]:
         """The steps of ``nightly/<session>/session.json``, if it is there and readable."""
+        if not _SESSION_NAME.fullmatch(session):  # a recorded id is no path to wander off by
+            return []
         path = self.academy_dir / "nightly" / session / "session.json"
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
