@@ -172,13 +172,23 @@ def _replay(academy: Path) -> list[str | Table]:
         parts.append(f"replay buffer {path}: no runs yet")
     if not attempts:
         return [*parts, "no attempts recorded yet"]
+    from tolaria.academy.auto_revert import REASON_PREFIX
+
     table = _table("recent attempts, newest first",
                    "finished", "kind", "version", "from", "outcome", "detail")
     for attempt in attempts:
+        kind, detail = attempt["kind"], attempt["detail"]
+        cell = _brief(detail)
+        reason = detail.get("reason") if isinstance(detail, dict) else None
+        if kind == "revert" and isinstance(reason, str) and reason.startswith(REASON_PREFIX):
+            # A run reverted the champion it ran: its reason (run, epoch, point, seed) is
+            # the cell, whole, with whatever else the move recorded after it.
+            kind = "auto-revert"
+            rest = _brief({key: value for key, value in detail.items() if key != "reason"})
+            cell = reason.removeprefix(REASON_PREFIX) + ("" if rest == "-" else f" {rest}")
         table.add_row(
             time.strftime("%Y-%m-%d %H:%M", time.localtime(attempt["finished"])),
-            attempt["kind"], attempt["version"], attempt["parent"] or "-", attempt["outcome"],
-            _brief(attempt["detail"]),
+            kind, attempt["version"], attempt["parent"] or "-", attempt["outcome"], cell,
         )
     return [*parts, table]
 
