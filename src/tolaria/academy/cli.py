@@ -176,21 +176,21 @@ def _replay(academy: Path) -> list[str | Table]:
 
     table = _table("recent attempts, newest first",
                    "finished", "kind", "version", "from", "outcome", "detail")
+    auto_reverts = []
     for attempt in attempts:
-        kind, detail = attempt["kind"], attempt["detail"]
-        cell = _brief(detail)
-        reason = detail.get("reason") if isinstance(detail, dict) else None
+        finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(attempt["finished"]))
+        kind, cell = attempt["kind"], _brief(attempt["detail"])
+        reason = attempt["detail"].get("reason") if isinstance(attempt["detail"], dict) else None
         if kind == "revert" and isinstance(reason, str) and reason.startswith(REASON_PREFIX):
-            # A run reverted the champion it ran: its reason (run, epoch, point, seed) is
-            # the cell, whole, with whatever else the move recorded after it.
-            kind = "auto-revert"
-            rest = _brief({key: value for key, value in detail.items() if key != "reason"})
-            cell = reason.removeprefix(REASON_PREFIX) + ("" if rest == "-" else f" {rest}")
-        table.add_row(
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(attempt["finished"])),
-            kind, attempt["version"], attempt["parent"] or "-", attempt["outcome"], cell,
-        )
-    return [*parts, table]
+            # A run reverted the champion it ran.  Its reason (run, epoch, decision point,
+            # seed) is a sentence with a path in it: under the table, on a line of its own.
+            rest = _brief({k: v for k, v in attempt["detail"].items() if k != "reason"})
+            kind, cell = "auto-revert", "why: below" if rest == "-" else f"{rest}; why: below"
+            auto_reverts.append(f"auto-revert {attempt['parent']} -> {attempt['version']} "
+                                f"({finished}): {reason.removeprefix(REASON_PREFIX)}")
+        table.add_row(finished, kind, attempt["version"], attempt["parent"] or "-",
+                      attempt["outcome"], cell)
+    return [*parts, table, *auto_reverts]
 
 
 def _table(title: str, *columns: str, flexible: int = 1) -> Table:
