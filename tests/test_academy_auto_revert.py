@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from drills import CLI_SETTINGS, run_cli, train_args
 from plugins_for_academy import graft_happy_scorer
 from tolaria.academy import auto_revert
 from tolaria.academy.auto_revert import REASON_PREFIX
@@ -222,3 +223,22 @@ def test_status_marks_an_auto_revert_and_shows_its_reason_whole(registry, capsys
     out = capsys.readouterr().out
     assert re.search(r"auto-revert\s+v0\s+v1\s+reverted\s+why: below", out)
     assert "\nauto-revert v1 -> v0 (" in out and f"): {blame}\n" in out  # one line, whole
+
+
+@pytest.mark.slow
+def test_tolaria_train_announces_the_revert_in_one_line_and_status_shows_it(
+    tmp_path, registry, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "200")
+    settings = [*CLI_SETTINGS, "run.epochs=4", "tamiyo.policy=learned", "tamiyo.temperature=0",
+                "model.host=plugins_for_drills:poisoned_mlp",
+                "model.kwargs={poison: nan, start: 3, stop: 4}",
+                f"academy.dir={registry.academy_dir}"]
+    train = run_cli(train_args(tmp_path / "run", tmp_path / "cache", settings))
+    assert train.code == 0 and "Traceback" not in train.err
+    [line] = lines_of(train.err, "auto-revert")
+    assert line.startswith("tolaria: warning: auto-revert: champion v1 -> v0: rollback at")
+    status = run_cli(["academy", "status", "--academy", str(registry.academy_dir)])
+    assert status.code == 0 and "champion: v0" in status.out
+    [why] = [x for x in status.out.splitlines() if x.startswith("auto-revert v1 -> v0")]
+    assert f"run {(tmp_path / 'run').resolve()}: rollback at epoch" in why
