@@ -101,7 +101,9 @@ def test_a_restore_keeps_point_ids_and_closes_the_grafts_it_went_back_before():
     before = ledger.state_dict()  # a snapshot holding p0 open
     later = GrowthPoint(0, (Candidate(dormant("a.1"), OPTIONS[1]),), chosen=1, propensity=0.5)
     ledger.record(later, epoch=4, observation={}, policy="x", policy_version=None)
-    ledger.implicate({"a.0", "a.1"})  # an incident at epoch 5 implicates both grafts
+    implicated = ledger.implicate({"a.0", "a.1"})  # an incident at epoch 5: both grafts
+    assert [(p["point_id"], p["seed_id"]) for p in implicated] == [("p0", "a.0"), ("p1", "a.1")]
+    assert ledger.implicate({"b.0"}) == []  # a seed no open point grafted implicates none
 
     restored = ledger.restored(before)
     assert set(restored.open) == {"p0"} and restored.open["p0"].incidents == 1

@@ -377,11 +377,16 @@ class NightlyConfig(Section):
 
 class AutoRevertConfig(Section):
     """Design §6.4 ``Emergency_Rollback -> Policy_vN``: a run whose trouble a newly deployed
-    version caused reverts the champion."""
+    version caused reverts the champion (docs/academy.md, "Auto-revert")."""
 
+    #: Runs of ``tamiyo.policy: learned`` revert the champion they run when it fails them
+    #: (only a version with a parent; never from a run that pins ``tamiyo.policy_version``).
     enabled: bool = True
     #: Revert also when the version's incidents per run exceed its parent's by this much.
     incident_margin: float = Field(0.5, ge=0)
+    #: Ended runs each side (the version, its parent) needs in the replay buffer before their
+    #: incident rates are compared: below it, a rate is noise and never reverts.
+    min_runs: int = Field(3, ge=1)
 
 
 class MonitorConfig(Section):

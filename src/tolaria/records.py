@@ -177,6 +177,9 @@ class Incident(EventRecord):
     count: int
     suspect_decisions: list[str]
     forbidden: list[list[str]]
+    #: The decision points whose open graft this incident implicates (``point_id``,
+    #: ``seed_id``, ``blueprint``): what auto-revert blames a policy version for.
+    implicated_points: list[Mapping[str, str]]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -334,6 +334,10 @@ def attach_run_directory(
         # with nothing written; one that cannot be opened now leaves the run unrecorded.
         recorder = ReplayRecorder.for_run(config.academy_dir(), path)
         loggers += [recorder] if recorder is not None else []
+    if config.tamiyo.policy == "learned" and config.academy.auto_revert.enabled:
+        from tolaria.academy.auto_revert import AutoRevert  # only where a version can fail
+
+        loggers.append(AutoRevert(config, path))  # after the recorder: it reads the run's row
     if not isinstance(run_dir, RunDirectory):
         run_dir = RunDirectory.create(path, config)
     callbacks: list = [RunLogger(run_dir), StatusWriter(run_dir), *loggers]

@@ -182,15 +182,25 @@ def _replay(academy: Path) -> list[str | Table]:
         parts.append(f"replay buffer {path}: no runs yet")
     if not attempts:
         return [*parts, "no attempts recorded yet"]
+    from tolaria.academy.auto_revert import REASON_PREFIX
+
     table = _table("recent attempts, newest first",
                    "finished", "kind", "version", "from", "outcome", "detail")
+    auto_reverts = []
     for attempt in attempts:
-        table.add_row(
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(attempt["finished"])),
-            attempt["kind"], attempt["version"], attempt["parent"] or "-", attempt["outcome"],
-            _brief(attempt["detail"]),
-        )
-    return [*parts, table]
+        finished = time.strftime("%Y-%m-%d %H:%M", time.localtime(attempt["finished"]))
+        kind, cell = attempt["kind"], _brief(attempt["detail"])
+        reason = attempt["detail"].get("reason") if isinstance(attempt["detail"], dict) else None
+        if kind == "revert" and isinstance(reason, str) and reason.startswith(REASON_PREFIX):
+            # A run reverted the champion it ran.  Its reason (run, epoch, decision point,
+            # seed) is a sentence with a path in it: under the table, on a line of its own.
+            rest = _brief({k: v for k, v in attempt["detail"].items() if k != "reason"})
+            kind, cell = "auto-revert", "why: below" if rest == "-" else f"{rest}; why: below"
+            auto_reverts.append(f"auto-revert {attempt['parent']} -> {attempt['version']} "
+                                f"({finished}): {reason.removeprefix(REASON_PREFIX)}")
+        table.add_row(finished, kind, attempt["version"], attempt["parent"] or "-",
+                      attempt["outcome"], cell)
+    return [*parts, table, *auto_reverts]
 
 
 def _table(title: str, *columns: str, flexible: int = 1) -> Table:

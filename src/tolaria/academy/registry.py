@@ -171,12 +171,16 @@ def write_version(
 class PolicyRegistry:
     """The versions under ``<academy_dir>/policies`` plus the built-in v0 (``builtin``: the
     package's, unless ``policies/v0`` exists).  Reading never creates anything; writing
-    (register, promote, revert) holds ``policies/.lock``, so concurrent writers queue."""
+    (register, promote, revert) holds ``policies/.lock``, so concurrent writers queue --
+    for ever, or at most ``lock_timeout_s`` seconds, after which the write is refused in one
+    line (a run that reverts must not hang on a stuck session)."""
 
-    def __init__(self, academy_dir: Path, *, builtin: Path | None = None) -> None:
+    def __init__(self, academy_dir: Path, *, builtin: Path | None = None,
+                 lock_timeout_s: float | None = None) -> None:
         self.academy_dir = Path(academy_dir)
         self.directory = self.academy_dir / "policies"
         self.builtin = BUILTIN_V0 if builtin is None else Path(builtin)
+        self.lock_timeout_s = lock_timeout_s
 
     # --- reading ---------------------------------------------------------------------
 
@@ -281,13 +285,17 @@ class PolicyRegistry:
             if current != name:
                 self._move(replay, name, current, "promote", {"reason": reason}, started)
 
-    def revert(self, *, reason: str, warn: Callable[[str], None] | None = None) -> str:
+    def revert(self, *, reason: str, warn: Callable[[str], None] | None = None,
+               only_from: str | None = None) -> str | None:
         """CHAMPION := the champion before the current one; returns its name.  A previous
         champion that no longer loads is passed over (``warn`` hears of it) for the one
-        before it."""
+        before it.  ``only_from``: revert only while CHAMPION names that version, checked
+        under the lock (two runs blaming one version revert it once); None when it does not."""
         started = time.time()
         with self._writing() as replay:
             current, _ = self._pointer()
+            if only_from is not None and current != only_from:
+                return None
             earlier = _champions(replay.attempts())
             skipped = []
             while earlier:
@@ -356,7 +364,7 @@ class PolicyRegistry:
         except OSError as exc:
             raise PolicyVersionError(f"{self.directory}: cannot write ({exc})") from None
         with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            self._lock(lock)  # released when the file closes
             for leftover in self.directory.iterdir():  # no other writer runs: all are dead
                 if _LEFTOVER.fullmatch(leftover.name):
                     if leftover.is_dir():
@@ -365,6 +373,23 @@ class PolicyRegistry:
                         leftover.unlink(missing_ok=True)
             with ReplayBuffer.in_academy(self.academy_dir) as replay:
                 yield replay
+
+    def _lock(self, lock: Any) -> None:
+        if self.lock_timeout_s is None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise PolicyVersionError(
+                        f"{self.directory / LOCK_FILE}: another writer held it for more than "
+                        f"{self.lock_timeout_s:g} s"
+                    ) from None
+                time.sleep(0.05)
 
 
 #: Attempt kinds that move CHAMPION, and the outcome each records.

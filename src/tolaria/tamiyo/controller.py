@@ -343,7 +343,7 @@ class TamiyoController:
             | {(r.seed_id, r.blueprint) for r in suspects if r.blueprint and r.action != "culled"}
         )
         count = self.incidents.record(emergency, grafts)
-        self.growth.implicate({seed_id for seed_id, _ in grafts})
+        points = self.growth.implicate({seed_id for seed_id, _ in grafts})
         self._emit(
             "incident",
             epoch=emergency.epoch,
@@ -353,6 +353,7 @@ class TamiyoController:
             count=count,
             suspect_decisions=[r.decision_id for r in suspects],
             forbidden=[list(g) for g in grafts],
+            implicated_points=points,
         )
         if count >= self.config.max_repeated_failures:
             implicated = ", ".join(f"{b} at {s}" for s, b in grafts) or "no recent graft"

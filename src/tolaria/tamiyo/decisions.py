@@ -182,10 +182,17 @@ class GrowthLedger:
                 graft.seed.seed_id, graft.option.blueprint, epoch, graft.option.param_cost
             )
 
-    def implicate(self, seed_ids: set[str]) -> None:
-        for point in self.open.values():
+    def implicate(self, seed_ids: set[str]) -> list[dict[str, str]]:
+        """Count an incident against every open graft on ``seed_ids``; return those points
+        (``point_id``, ``seed_id``, ``blueprint``): what the incident record names."""
+        implicated = []
+        for point_id, point in self.open.items():
             if point.seed_id in seed_ids:
                 point.incidents += 1
+                implicated.append(
+                    {"point_id": point_id, "seed_id": point.seed_id, "blueprint": point.blueprint}
+                )
+        return implicated
 
     def settle(
         self, seed_id: str, result: str, *, epoch: int, evidence: Mapping[str, float] | None = None
