@@ -19,14 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tolaria.academy.auto_revert import REASON_PREFIX as AUTO_REVERT
 from tolaria.config import MonitorConfig
 from tolaria.monitor.alerts import Alert
 
 #: The outcomes of a nightly attempt (the contract); a row with another outcome (a session
 #: that found nothing to learn) is listed by :meth:`TrainingMonitor.sessions` but is no attempt.
 ATTEMPT_OUTCOMES = ("deployed", "rejected", "failed")
-#: How an automatic revert's reason starts (a revert by hand is no alert).
-AUTO_REVERT = "auto-revert"
 #: A session id that names a folder of ``<academy>/nightly`` (``YYYYMMDDTHHMMSSZ``).
 _SESSION_NAME = re.compile(r"[\w-]+")
 #: What a metric's window says before the first nightly attempt.
