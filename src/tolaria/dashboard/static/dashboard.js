@@ -9,7 +9,8 @@
 
   function markers(charts) {
     const lines = [];
-    for (const [list, colour] of [[charts.rollbacks, "#c0392b"], [charts.incidents, "#e67e22"]]) {
+    // Incidents first: a rollback at the same epoch is drawn over its incident.
+    for (const [list, colour] of [[charts.incidents, "#e67e22"], [charts.rollbacks, "#c0392b"]]) {
       for (const mark of list) {
         lines.push({type: "line", xref: "x", yref: "paper", x0: mark.epoch, x1: mark.epoch,
                     y0: 0, y1: 1, line: {color: colour, width: 2, dash: "dot"}});
@@ -22,10 +23,10 @@
     if (typeof Plotly === "undefined") return;
     const c = charts.curves;
     const shapes = markers(charts);
-    const hover = [...charts.rollbacks, ...charts.incidents];
+    const hover = [...charts.incidents, ...charts.rollbacks];
     const notes = {x: hover.map((m) => m.epoch), y: hover.map(() => 1), yaxis: "y2",
                    mode: "markers", marker: {symbol: "triangle-down", size: 9,
-                   color: hover.map((m, i) => i < charts.rollbacks.length ? "#c0392b" : "#e67e22")},
+                   color: hover.map((m, i) => i < charts.incidents.length ? "#e67e22" : "#c0392b")},
                    text: hover.map((m) => m.text), hoverinfo: "text", name: "events",
                    showlegend: false};
     const plots = [
@@ -34,9 +35,9 @@
       ["chart-loss", "loss",
        [{x: c.epoch, y: c.train_loss, name: "train loss", mode: "lines+markers"},
         {x: c.epoch, y: c.val_loss, name: "val loss", mode: "lines+markers"}]],
-      ["chart-lr", "learning rate (log)",
+      ["chart-lr", "learning rate",
        [{x: c.epoch, y: c.lr, name: "lr", mode: "lines+markers", line: {shape: "hv"}}],
-       {type: "log"}],
+       {rangemode: "tozero", exponentformat: "e"}],
       ["chart-params", "trainable parameters",
        [{x: c.epoch, y: c.params, name: "parameters", mode: "lines+markers",
          line: {shape: "hv"}}]],
