@@ -397,6 +397,9 @@ class MonitorConfig(Section):
     adapter_training_s_above: float = Field(3600.0, gt=0)
     #: Hardware profiles tested / profiles seen in daytime runs.
     hardware_coverage_below: float = Field(0.95, ge=0, le=1)
+    #: A failed nightly session or an auto-revert is an alert for this long after it, seconds
+    #: (a week: the operator sees it over a weekend; the metrics keep the longer record).
+    event_alert_s: float = Field(7 * 86400.0, gt=0)
     #: A running run whose heartbeat is older than this is stalled, seconds.
     heartbeat_stall_s: float = Field(60.0, gt=0)
     #: Rollbacks in one run from which it is alerted on.

@@ -34,9 +34,14 @@ def add_parser(subparsers: Any) -> None:
         "--academy", type=Path,
         help=f"the academy directory (default: $TOLARIA_ACADEMY, else {DEFAULT_ACADEMY})",
     )
-    commands.add_parser(
-        "status", parents=[where], help="versions, the champion, replay size, recent attempts"
+    status = commands.add_parser(
+        "status", parents=[where],
+        help="versions, the champion, replay size, recent attempts, the monitor's metrics "
+        "and alerts",
     )
+    status.add_argument("--json", action="store_true",
+                        help="the monitor's metrics, alerts, sessions and versions as one "
+                        "JSON object, for scripts")
     promote = commands.add_parser("promote", parents=[where], help="make a version the champion")
     promote.add_argument("version", help="e.g. v3")
     promote.add_argument("--reason", default="promoted by hand", help="recorded with the move")
@@ -108,13 +113,18 @@ def _status(args: argparse.Namespace, console: Console) -> int:
     """A report, so every part is shown as far as it reads: a broken version or replay
     buffer is a line in it, and the exit code stays 0."""
     from tolaria.academy.registry import PolicyRegistry
+    from tolaria.monitor import report
 
+    if args.json:
+        print(report.status_json(args.academy))
+        return 0
     out = Console(soft_wrap=True)  # the report goes to stdout, warnings to stderr
     if not args.academy.is_dir():
         out.print(f"{args.academy}: no academy directory yet (only the built-in v0)",
                   highlight=False)
     registry = PolicyRegistry(args.academy)
-    for part in (*_versions(registry, console), *_replay(args.academy)):
+    for part in (*_versions(registry, console), *_replay(args.academy),
+                 *report.status_parts(args.academy)):
         out.print(part, highlight=False)
     return 0
 
