@@ -144,3 +144,13 @@ def test_a_runs_root_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["dashboard", "--runs", str(tmp_path / "file"), "--port", "0"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_the_academy_page_says_when_there_is_no_nightly_session(client, tmp_path):
+    page = client.get("/academy")
+    assert page.status_code == 200
+    assert '<p class="empty" data-empty="sessions">No nightly session yet.</p>' in page.text
+    assert page.text.count("status-no-data") == 5  # every §7 metric: no data
+    assert 'data-version="v0" class=champion' in page.text  # the built-in base policy
+    assert client.get("/api/academy").json()["sessions"] == []
+    assert not (tmp_path / "academy").exists()  # only read, never created

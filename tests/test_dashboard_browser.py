@@ -17,9 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from drills import CLI_SETTINGS
+from test_monitor_academy import gates, nightly
+from tolaria.academy.registry import PolicyRegistry
+from tolaria.academy.replay import ReplayBuffer
+from tolaria.monitor.academy import TrainingMonitor
 
 CHROMIUM = Path(os.environ.get("TOLARIA_CHROMIUM", "/usr/bin/chromium"))
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +39,7 @@ sync_playwright = pytest.importorskip(
     "(pip install -e '.[dev]')").sync_playwright
 pytestmark = pytest.mark.slow
 
-RUN_SETTINGS = [*CLI_SETTINGS, "run.epochs=6", "academy.replay=false"]
+RUN_SETTINGS = [*CLI_SETTINGS, "run.epochs=5", "academy.replay=false"]
 #: The grown run is poisoned once (NaN logits at its third epoch start): one rollback.
 POISONED = ["model.host=plugins_for_drills:poisoned_mlp", "model.kwargs.poison=nan",
             "model.kwargs.start=2", "model.kwargs.stop=3"]
@@ -81,9 +86,23 @@ def runs_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dashboard(runs_root):
+def academy(runs_root):
+    """An academy with v1 promoted over v0, one nightly session deployed, one rejected."""
+    folder = runs_root.parent / "academy"
+    PolicyRegistry(folder).register({"w": torch.zeros(2)}, {
+        "parent": "v0", "trained_on": "by hand", "training_s": 1.0, "scorer": {}})
+    PolicyRegistry(folder).promote("v1", reason="by hand")
+    now = time.time()
+    with ReplayBuffer.in_academy(folder) as replay:
+        nightly(replay, "deployed", finished=now - 100, version="v1")
+        nightly(replay, "rejected", finished=now, gates=gates(history=0.9),
+                failed_gate="history_score", cause="history_score 0.9 is not above 0.95")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dashboard(runs_root, academy):
     """``tolaria dashboard`` on a free port; its URL."""
-    academy = runs_root.parent / "academy"
     process = subprocess.Popen(
         [sys.executable, "-m", "tolaria.cli", "dashboard", "--runs", str(runs_root),
          "--academy", str(academy), "--port", "0"],
@@ -125,7 +144,7 @@ def test_the_index_shows_every_run_as_its_files_say(page, dashboard, runs_root):
         epochs = kept_epochs(runs_root / name)
         row = f'tr[data-run="{name}"]'
         assert field(page, f"{row} [data-field=status]") == summary["status"] == "completed"
-        assert field(page, f"{row} [data-field=epoch]") == f"{len(epochs)} / 6"
+        assert field(page, f"{row} [data-field=epoch]") == f"{len(epochs)} / 5"
         assert field(page, f"{row} [data-field=best]") == f"{summary['best_val_accuracy']:.4f}"
         assert field(page, f"{row} [data-field=params]") == (
             f"{summary['params_initial']:,} → {summary['params_final']:,}")
@@ -144,7 +163,7 @@ def test_a_run_page_shows_the_curves_seeds_and_decisions_of_its_files(
     page.wait_for_selector("#chart-score .main-svg")
     assert summary["rollbacks"] >= 1  # the poisoned epoch was rolled back
     assert field(page, "[data-field=rollbacks]") == str(summary["rollbacks"])
-    assert field(page, "[data-field=epoch]") == f"{len(epochs)} / 6"
+    assert field(page, "[data-field=epoch]") == f"{len(epochs)} / 5"
     assert field(page, "[data-field=best]") == f"{max(e['val_accuracy'] for e in epochs):.4f}"
     # The charts hold the files' numbers exactly, and mark the rollback.
     drawn = page.evaluate("""() => ({
@@ -209,10 +228,25 @@ def test_a_running_run_advances_on_its_page_without_a_reload(
         timeout=30_000)
 
 
-def test_the_academy_page_says_when_there_is_no_nightly_session(page, dashboard):
+def test_the_academy_page_shows_versions_sessions_gates_and_metrics(page, dashboard, academy):
+    monitor = TrainingMonitor(academy)
     page.goto(dashboard + "/academy")
-    assert "No nightly session yet." in field(page, '[data-empty="sessions"]')
-    states = page.locator('table[data-table="metrics"] tr[data-metric] td:nth-child(5)')
-    assert states.count() >= 4 and set(states.all_inner_texts()) == {"no data"}
-    page.screenshot(path=ARTIFACTS / "dashboard-academy.png")
-
+    champion = page.locator("tr.champion")
+    assert champion.count() == 1 and champion.get_attribute("data-version") == "v1"
+    assert [v.name for v in monitor.versions()] == page.locator(
+        "tr[data-version]").evaluate_all("rows => rows.map(r => r.dataset.version)")
+    for session in monitor.sessions():
+        row = f'tr[data-session="{session.session}"]'
+        assert page.locator(f"{row} .status").inner_text() == session.outcome
+        for name, gate in session.gates.items():
+            shown = field(page, f'{row} [data-gate="{name}"]')
+            assert shown.startswith(f"{name}: {gate['value']:.4f} vs {gate['threshold']:.4f}")
+            assert shown.endswith("✓" if gate["passed"] else "✗")
+    for metric in monitor.metrics_table():
+        row = f'table[data-table="metrics"] tr[data-metric="{metric.name}"]'
+        assert field(page, f"{row} [data-field=value]") == metric.shown
+        assert field(page, f"{row} .status") == metric.state
+    assert field(page, '[data-metric="policy_success_rate"] [data-field=value]') == "50%"
+    assert page.locator('table[data-table="alerts"] tr[data-metric="policy_success_rate"]'
+                        ).count() == 1
+    page.screenshot(path=ARTIFACTS / "dashboard-academy.png", full_page=True)
