@@ -169,3 +169,12 @@ def test_the_index_lists_run_directories_only(tmp_path):
     assert index.view("a-run").summary()["epochs"] == 3
     assert index.view("a-run") is index.view("a-run")  # cached: offsets survive
     assert [v.run_id for v in index.views()] == ["b-run", "a-run"]  # started first: b
+
+
+def test_a_record_of_a_newer_schema_is_one_line_not_a_crash(tmp_path):
+    write(tmp_path / "events.jsonl", json.dumps({"schema": 99, "event": "run_start"}) + "\n")
+    view = RunView(tmp_path, "future")
+    version = view.poll()
+    assert view.error.startswith("future: record schema 99 is newer")
+    assert view.summary()["error"] == view.error
+    assert view.poll() == version  # the same error is no news to a live page

@@ -104,7 +104,7 @@ def run_charts(view: RunView) -> dict[str, Any]:
                       for r in view.rollbacks()],
         "incidents": [{"epoch": i["epoch"], "text": f"{i['emergency']}: {i['reason']}"}
                       for i in view.incidents()],
-        "monitor": view.summary()["monitor"],
+        "monitor": view.monitor,
     }
 
 
@@ -133,7 +133,7 @@ def _seed_timeline(view: RunView) -> str:
     rows = view.seed_segments()
     if not rows:
         return '<p class="empty">No seeds yet.</p>'
-    total = max([view.summary()["epochs"] or 0,
+    total = max([view.total_epochs() or 0,
                  *(seg["end"] + 1 for row in rows for seg in row["segments"])])
     lines = []
     for row in rows:

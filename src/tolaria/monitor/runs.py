@@ -104,7 +104,7 @@ class JsonlTail:
         return anchor != self._anchor
 
 
-class JsonFile:
+class WholeFile:
     """A small file rewritten whole (``status.json``, ``summary.json``, ``config.yaml``),
     parsed again only when its stat changes."""
 
@@ -146,8 +146,6 @@ class Decision:
     time: float
     #: ``{epochs_later, delta_validation_accuracy, delta_validation_loss, incident}``.
     outcome: dict[str, Any] | None = None
-    #: The attempt of its epoch was undone by a rollback.
-    undone: bool = False
 
 
 @dataclass
@@ -205,9 +203,9 @@ class RunView:
         self.thresholds = thresholds or MonitorConfig()
         self.metrics_tail = JsonlTail(self.path / "metrics.jsonl")
         self.events_tail = JsonlTail(self.path / "events.jsonl")
-        self.status_file = JsonFile(self.path / "status.json")
-        self.summary_file = JsonFile(self.path / "summary.json")
-        self.config_file = JsonFile(self.path / "config.yaml", yaml.safe_load)
+        self.status_file = WholeFile(self.path / "status.json")
+        self.summary_file = WholeFile(self.path / "summary.json")
+        self.config_file = WholeFile(self.path / "config.yaml", yaml.safe_load)
         #: Grows by one whenever a poll found anything new: a client's ``since`` cursor.
         self.version = 0
         #: A file this Tolaria cannot read (a newer record schema), in one line.
@@ -224,7 +222,8 @@ class RunView:
             changed |= self._poll_metrics()
             changed |= self._poll_events()
         except TolariaError as exc:
-            changed, self.error = self.error != str(exc), f"{self.run_id}: {exc}"
+            message = f"{self.run_id}: {exc}"
+            changed, self.error = message != self.error, message
         for file in (self.status_file, self.summary_file, self.config_file):
             changed |= file.read()
         self.version += changed
@@ -305,23 +304,31 @@ class RunView:
             return f"learned {tamiyo.get('policy_version') or '(champion)'}"
         return str(name)
 
+    def total_epochs(self) -> int | None:
+        """The epochs the run is to run: its status, its start record, or its config."""
+        return (self.status.get("epochs") or (self._events.run_start or {}).get("epochs")
+                or ((self.config_file.value or {}).get("run") or {}).get("epochs"))
+
+    @property
+    def monitor(self) -> str:
+        """The name of the task's score (``accuracy`` for the default task)."""
+        return str((self.summary_json or {}).get("monitor", "accuracy"))
+
     def summary(self, now: float | None = None) -> dict[str, Any]:
         """The run's row in the index."""
         epochs = self.epochs()
         last = epochs[-1] if epochs else {}
         scores = [e["val_accuracy"] for e in epochs if _finite(e.get("val_accuracy"))]
         start = self._events.run_start or {}
-        total = self.status.get("epochs") or start.get("epochs") or (
-            (self.config_file.value or {}).get("run") or {}).get("epochs")
         seeds = Counter(str(s) for s in (last.get("seed_states") or {}).values())
         return {
             "id": self.run_id,
             "status": self.state(now),
             "phase": self.status.get("phase"),
             "epochs_done": len(epochs),
-            "epochs": total,
+            "epochs": self.total_epochs(),
             "best_val_score": max(scores) if scores else None,
-            "monitor": (self.summary_json or {}).get("monitor", "accuracy"),
+            "monitor": self.monitor,
             "params_initial": start.get("params", epochs[0].get("params") if epochs else None),
             "params_final": last.get("params"),
             "seeds": dict(sorted(seeds.items())),
