@@ -122,6 +122,14 @@ def headline_rows(results: dict[str, Result]) -> list[list[str]]:
                      "(mean over tasks)",
                      "goal: accuracy ≥ heuristic's with fewer culled, on every task",
                      "meets goal" if met else "**misses goal**"])
+    if dashboard := results.get("dashboard"):
+        m = dashboard["median_ms"]
+        rows.append([f"Dashboard, {dashboard['runs']} runs (one of "
+                     f"{dashboard['long_run_events']:,} events): index / run page, server side",
+                     f"{m['index']:.0f} / {m['run_page']:.0f} ms; server RSS "
+                     f"{dashboard['server_rss_mb']:.0f} MB",
+                     f"goal < {dashboard['goal_ms']:.0f} ms, < {dashboard['goal_mb']:.0f} MB",
+                     "meets goal" if dashboard["meets_goal"] else "**misses goal**"])
     return rows
 
 
@@ -320,6 +328,25 @@ def section_startup(r: Result) -> list[str]:
     ]
 
 
+def section_dashboard(r: Result) -> list[str]:
+    labels = {"index": "`GET /`: the runs index",
+              "run_page": "`GET /runs/long`: the long run's page",
+              "poll_unchanged": "a live page's poll, nothing new",
+              "poll_after_append": "a live page's poll after one more epoch",
+              "cold_run_page": "the long run's first page (every event parsed once)"}
+    rows = [[label, f"{r['median_ms'][key]:.1f}"] for key, label in labels.items()]
+    return [
+        f"{r['runs']} run directories under one root ({r['root_mb']:.1f} MB), one of them "
+        f"{r['long_run_events']:,} events over {r['long_run_epochs']} epochs; {r['timing']}, "
+        f"median of {r['rounds']} (the cold page: one).  Memory: the resident set of a "
+        f"`tolaria dashboard` process after serving those pages over HTTP: "
+        f"**{r['server_rss_mb']:.0f} MB**.  Goals: < {r['goal_ms']:.0f} ms, "
+        f"< {r['goal_mb']:.0f} MB.",
+        "",
+        *table(["request", "median ms"], rows),
+    ]
+
+
 SECTIONS: dict[str, tuple[str, Callable[[Result], list[str]]]] = {
     "trainer_overhead": ("Trainer overhead vs a hand-written loop", section_trainer_overhead),
     "epoch_boundary": ("End-of-epoch hook latency", section_epoch_boundary),
@@ -329,6 +356,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Result], list[str]]]] = {
     "optim_rebuild": ("Optimizer rebuild", section_optim_rebuild),
     "kasmina_overhead": ("Dormant-seed overhead", section_kasmina_overhead),
     "startup": ("Start-up", section_startup),
+    "dashboard": ("Dashboard", section_dashboard),
 }
 
 

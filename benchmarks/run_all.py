@@ -38,6 +38,7 @@ BENCHMARKS = (
     "epoch_boundary",
     "growth",
     "academy",
+    "dashboard",
 )
 #: Sizes for ``--quick``: each benchmark's full code path in a few seconds (numbers are
 #: meaningless at these sizes; only the smoke tests use them).
@@ -50,6 +51,7 @@ QUICK_ARGS = {
     "epoch_boundary": ["--epochs", "3", "--hosts", "16"],
     "growth": ["--epochs", "2", "--seeds", "2"],
     "academy": ["--epochs", "2", "--seeds", "1"],
+    "dashboard": ["--runs", "3", "--events", "200", "--rounds", "2"],
 }
 
 

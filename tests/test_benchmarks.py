@@ -15,6 +15,7 @@ import sys
 import pytest
 from benchmarks import (
     bench_checkpoint,
+    bench_dashboard,
     bench_epoch_boundary,
     bench_growth,
     bench_kasmina_overhead,
@@ -175,6 +176,15 @@ def test_checkpoint_and_kasmina_overhead_results(capsys):
             "median_ms"].keys()
     kasmina = run_quick(bench_kasmina_overhead, "kasmina_overhead", capsys)
     assert {"plain", "dormant"} <= kasmina["median_epoch_s"].keys()
+
+
+def test_dashboard_times_the_index_and_a_long_run_and_measures_the_server(capsys):
+    result = run_quick(bench_dashboard, "dashboard", capsys)
+    assert result["runs"] == 4 and result["long_run_events"] == 200
+    assert result["median_ms"].keys() == {"index", "run_page", "poll_unchanged",
+                                          "poll_after_append", "cold_run_page"}
+    assert 10 < result["server_rss_mb"] < 10_000  # a real process's resident set
+    assert "| `GET /`: the runs index |" in "\n".join(report.section_dashboard(result))
 
 
 def test_report_renders_every_section_and_marks_missing_ones(tmp_path, mnist1d_cache,

@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     from tolaria import evaluate_cli  # its own module; it imports torch only when it runs
 
     evaluate_cli.add_parser(commands)
+    from tolaria.dashboard import cli as dashboard_cli  # import-light: uvicorn only when it runs
+
+    dashboard_cli.add_parser(commands)
     return parser
 
 
