@@ -109,6 +109,8 @@ def fisher_diagonal(
         second_moment = (pi_wait.view(shape) * jw.square()).index_add(
             0, point, pi_rows.view(shape) * jr.square()
         )
+        # Var_π[J] = E_π[J²] − E_π[J]² per point.  Wait's gradient lives in the wait head and
+        # the rows' in the candidate MLP (each is 0 in the other), so one sum covers both.
         variance = (second_moment - first_moment.square()).clamp(min=0)
         # Detached: the per-sample gradients are functions of the scorer's own parameters.
         fisher[key.removesuffix(".weight")] = variance.mean(0).detach() / temperature**2

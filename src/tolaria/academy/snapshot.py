@@ -104,6 +104,7 @@ def continue_snapshot(
         config = _resolved(snapshot["config"], run_id).model_copy(deep=True)
         config.run.epochs = epochs
         config.run.progress = False
+        config.run.callbacks = []  # the run's observers: they may write outside the scratch
         config.tamiyo.policy = "learned"
         config.tamiyo.policy_version = version.name
         config.tamiyo.temperature = 0.0
