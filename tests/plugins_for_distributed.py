@@ -6,6 +6,8 @@ import os
 import signal
 from typing import ClassVar
 
+import torch
+
 from conftest import make_blobs
 from tolaria.contracts import SeedState
 from tolaria.hosts import MLPHost
@@ -51,20 +53,19 @@ class ScriptedGrowth(HeuristicPolicy):
 
 class KilledHost(MLPHost):
     """The built-in MLP, whose process kills itself with SIGKILL (kill -9) when rank
-    ``rank`` of a multi-process run starts epoch ``epoch`` (0-based, counted by
-    ``model.train()``)."""
+    ``rank`` of a multi-process run has trained ``batches`` batches and starts another."""
 
-    def __init__(self, input_shape, num_classes, *, rank: int, epoch: int) -> None:
+    def __init__(self, input_shape, num_classes, *, rank: int, batches: int) -> None:
         super().__init__(input_shape, num_classes, (16, 16))
-        self.rank, self.epoch, self.starts = rank, epoch, 0
+        self.rank, self.batches, self.trained = rank, batches, 0
 
-    def train(self, mode: bool = True):
-        if mode:
-            if self.starts == self.epoch and os.environ.get("RANK") == str(self.rank):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            if self.trained == self.batches and os.environ.get("RANK") == str(self.rank):
                 os.kill(os.getpid(), signal.SIGKILL)
-            self.starts += 1
-        return super().train(mode)
+            self.trained += 1
+        return super().forward(x)
 
 
-def killed_mlp(input_shape, num_classes, rank: int = 1, epoch: int = 2):
-    return KilledHost(input_shape, num_classes, rank=rank, epoch=epoch)
+def killed_mlp(input_shape, num_classes, rank: int = 1, batches: int = 18):
+    return KilledHost(input_shape, num_classes, rank=rank, batches=batches)

@@ -45,7 +45,7 @@ from torch.utils.data import (
 
 from tolaria.atomic import write_atomic
 from tolaria.config import DataConfig
-from tolaria.errors import ConfigError
+from tolaria.errors import ConfigError, RunMismatch
 from tolaria.plugins import check_kwargs, construct, is_reference, resolve_callable
 from tolaria.registry import Registry
 
@@ -127,8 +127,8 @@ class EpochShuffleSampler(Sampler[int]):
             )
         # Single-process checkpoints have no world size: they were written by one process.
         recorded, world_size = state.get("world_size", 1), getattr(self, "world_size", 1)
-        if recorded != world_size:
-            raise ConfigError(
+        if recorded != world_size:  # every older checkpoint too: the search stops here
+            raise RunMismatch(
                 f"the checkpoint was written by a run of {recorded} process(es), this one has "
                 f"{world_size}: resume with the same number (tolaria resume --nproc {recorded}, "
                 "or torchrun --nproc-per-node) -- the sums over ranks would round differently "

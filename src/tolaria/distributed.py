@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -337,5 +338,11 @@ def plan_from_json(text: str, observation: Any, controller: Any) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The cause in one line, without the C++ source location torch's backends prefix."""
+    text = _SOURCE_LOCATION.sub("", str(exc)).strip()
+    # Gloo goes on with advice ("This is typically caused by ...") after its first sentence.
+    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+
+
+#: ``[/path/to/gloo/transport/tcp/pair.cc:537] `` (which would also read as markup).
+_SOURCE_LOCATION = re.compile(r"\[[^\]\s]*:\d+\]\s*")

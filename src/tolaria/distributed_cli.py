@@ -100,6 +100,8 @@ def launch(nproc: int, argv: list[str], console: Console) -> int:
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
+    # Set, torchrun does not print its banner about it; each rank sets run.num_threads.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     command = _without_nproc(argv)
     launcher = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--module", "tolaria", *command]
