@@ -36,6 +36,7 @@ BENCHMARKS = (
     "startup",
     "trainer_overhead",
     "epoch_boundary",
+    "distributed",
     "growth",
     "academy",
 )
@@ -48,6 +49,8 @@ QUICK_ARGS = {
     "startup": ["--runs", "1", "--epochs", "1"],
     "trainer_overhead": ["--epochs", "3", "--hosts", "16"],
     "epoch_boundary": ["--epochs", "3", "--hosts", "16"],
+    "distributed": ["--rounds", "1", "--epochs", "2", "--samples", "512", "--hidden", "16",
+                    "--rewrap-rounds", "1"],
     "growth": ["--epochs", "2", "--seeds", "2"],
     "academy": ["--epochs", "2", "--seeds", "1"],
 }

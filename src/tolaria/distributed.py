@@ -128,7 +128,7 @@ class RankGroup:
                 raise DistributedError(
                     f"rank {rank}: cannot join the process group at "
                     f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-                    f"within run.distributed_timeout_s={timeout:g}: {_first_line(exc)}"
+                    f"within run.distributed_timeout_s={timeout:g}: {one_line(exc)}"
                 ) from None
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, timeout)
 
@@ -149,7 +149,7 @@ class RankGroup:
             others = ", ".join(str(r) for r in range(self.world_size) if r != self.rank)
             raise DistributedError(
                 f"rank {self.rank}: {what} failed: rank(s) {others} stopped or did not answer "
-                f"within run.distributed_timeout_s={self.timeout_s:g} ({_first_line(exc)})"
+                f"within run.distributed_timeout_s={self.timeout_s:g} ({one_line(exc)})"
             ) from None
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -240,12 +240,19 @@ class Replica:
     (pytorch#12603), so the wrapper is keyed by the trainable parameters (name, identity,
     shape) and by whether a seed holds a blueprint its forward skips (a GERMINATED seed:
     DDP must then look for parameters without gradients).
+
+    The first wrap lets DDP check the shapes and broadcast every tensor from rank 0.  A
+    re-wrap broadcasts only the tensors new since the last one (a graft's): the others are
+    the same on every rank already (the gradients were all-reduced, the structure was
+    compared after the epoch), and a 10M-parameter model is not sent again for a graft.
     """
 
     def __init__(self, group: RankGroup) -> None:
         self.group = group
         self.module: DistributedDataParallel | None = None
         self._key: tuple | None = None
+        # Held, so that no tensor created later can take the id of one in here.
+        self._synced: dict[int, torch.Tensor] = {}
         #: How many times the model was wrapped (the first wrap included).
         self.wraps = 0
 
@@ -256,18 +263,29 @@ class Replica:
         return self.module  # type: ignore[return-value]
 
     def wrap(self, model: nn.Module, key: tuple) -> None:
-        if self.module is not None:
+        first = self.module is None
+        if not first:
             # The old reducer's hooks sit on the parameters: left there they would fire at
             # the next backward, beside the new one's, until the old wrapper is collected.
             self.module._remove_autograd_hooks()
             self.module = None
-        cuda = next(model.parameters()).device.type == "cuda"
-        ddp = self.group._collective("wrapping the model in DDP", lambda: DistributedDataParallel(
-            model, device_ids=[torch.cuda.current_device()] if cuda else None,
-            find_unused_parameters=key[-1],
-        ))
+        tensors = [*model.parameters(), *model.buffers()]
+        new = [t for t in tensors if id(t) not in self._synced]
+
+        def wrap() -> DistributedDataParallel:
+            if not first:
+                for tensor in new:
+                    dist.broadcast(tensor.data, src=0)
+            cuda = tensors[0].device.type == "cuda"
+            return DistributedDataParallel(
+                model, device_ids=[torch.cuda.current_device()] if cuda else None,
+                find_unused_parameters=key[-1], init_sync=first,
+            )
+
+        ddp = self.group._collective("wrapping the model in DDP", wrap)
         check_buckets(ddp, model, self.group.rank)
         self.module, self._key = ddp, key
+        self._synced = {id(t): t for t in tensors}
         self.wraps += 1
 
 
@@ -337,7 +355,7 @@ def plan_from_json(text: str, observation: Any, controller: Any) -> Any:
     return Plan(observation, decisions=decisions, points=points)
 
 
-def _first_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """The cause in one line, without the C++ source location torch's backends prefix."""
     text = _SOURCE_LOCATION.sub("", str(exc)).strip()
     # Gloo goes on with advice ("This is typically caused by ...") after its first sentence.

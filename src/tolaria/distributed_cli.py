@@ -17,9 +17,10 @@ import os
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from tolaria.config import config_for_resume, load_config
-from tolaria.errors import ConfigError, TolariaError
+from tolaria.errors import ConfigError, DistributedError, TolariaError
 
 
 def add_arguments(command: argparse.ArgumentParser) -> None:
@@ -51,8 +52,27 @@ def run(
     except TolariaError as exc:
         RankGroup.release(exc.exit_code)  # the others stop too, not at the timeout
         raise
+    except RuntimeError as exc:
+        raise rank_error(exc) from exc
     RankGroup.release(code)
     return code
+
+
+def rank_error(exc: RuntimeError) -> DistributedError:
+    """One line for an error a rank met outside Tolaria's own collectives -- DDP's
+    all-reduce in the backward pass most often, when another rank went away."""
+    from torch.distributed import DistError
+
+    from tolaria.distributed import environment_rank, one_line
+
+    message = f"rank {environment_rank()}: {type(exc).__name__}: {one_line(exc)}"
+    if isinstance(exc, DistError) or any(word in str(exc) for word in _COMMUNICATION):
+        message += " (another rank stopped, or did not answer within run.distributed_timeout_s)"
+    return DistributedError(message)
+
+
+#: Words of the errors torch's gloo and NCCL backends raise when a peer is lost.
+_COMMUNICATION = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out")
 
 
 def follow(args: argparse.Namespace, console: Console) -> int:
@@ -69,10 +89,13 @@ def follow(args: argparse.Namespace, console: Console) -> int:
         if args.command == "resume":
             trainer.resume()
         trainer.train()
-    except TolariaError as exc:
-        console.print(f"[bold red]tolaria: error:[/] rank {environment_rank()}: {exc}",
-                      highlight=False, soft_wrap=True)
-        return exc.exit_code
+    except (TolariaError, RuntimeError) as exc:
+        error = exc if isinstance(exc, TolariaError) else rank_error(exc)
+        message = str(error) if str(error).startswith("rank ") else (
+            f"rank {environment_rank()}: {error}")
+        console.print(f"[bold red]tolaria: error:[/] {escape(message)}", highlight=False,
+                      soft_wrap=True)
+        return error.exit_code
     except KeyboardInterrupt:
         return 130
     RankGroup.release(0)
@@ -109,7 +132,10 @@ def launch(nproc: int, argv: list[str], console: Console) -> int:
     try:
         torchrun(launcher)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        # A rank killed by a signal is the cause; one that exited because its peer went
+        # away (exit code 1, "another rank stopped") is a consequence, however early.
+        rank, failure = min(exc.failures.items(),
+                            key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
         why = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         console.print(
