@@ -16,9 +16,10 @@ boundaries and nowhere else:
 * evidence -- the training loss, the seeds' telemetry and the validation sums (each
   counterfactual pass's too) are summed over the ranks before the packet is assembled, so
   every rank holds the same ``SystemStatePacket``;
-* one decider -- every rank observes the packet (deterministic), rank 0 alone decides,
-  its decisions go to every rank as JSON and every rank applies them: the controller's
-  state, checkpointed by rank 0, is the same everywhere;
+* one decider -- rank 0 observes and decides; its decisions go to every rank as JSON,
+  with its hardware reading (the one part of the packet a rank measures for itself), and
+  every rank observes the same packet and applies them: the controller's state,
+  checkpointed by rank 0, is the same everywhere;
 * the grown structure (Kasmina's manifest, every parameter's name and shape) is compared
   across ranks after every epoch -- which is also the barrier behind rank 0's checkpoint;
 * one writer -- only rank 0 has a run directory; on resume it reads the checkpoint and
@@ -31,6 +32,7 @@ the launcher stops the others (``tolaria.distributed_cli`` names the failed rank
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tolaria.checkpoint import Snapshot, restore_snapshot
 from tolaria.config import RunConfig, TolariaConfig
-from tolaria.contracts import AdaptationSignal, SeedState, SystemStatePacket
+from tolaria.contracts import AdaptationSignal, HardwareContext, SeedState, SystemStatePacket
 from tolaria.errors import ConfigError, DistributedError, TolariaError
 from tolaria.kasmina import export_structure, find_seeds
 from tolaria.kasmina.layer import KasminaLayer
@@ -203,17 +205,23 @@ class RankGroup:
             evaluation.add_up(self.sum)
 
     def step(self, controller: Any, packet: SystemStatePacket) -> AdaptationSignal:
-        """``controller.step(packet)`` with one decider: every rank observes, rank 0 decides,
-        every rank applies rank 0's decisions, read from their JSON."""
+        """``controller.step(packet)`` with one decider: rank 0 observes and decides; its
+        plan (JSON) and its hardware reading (the one part of the packet a rank measures
+        for itself) go to every rank, which observes the same packet and applies the plan."""
         if not all(hasattr(controller, name) for name in ("observe", "decide", "apply")):
             raise ConfigError(
                 f"{type(controller).__name__}: a multi-process run needs a controller that "
                 "observes, decides and applies separately (as TamiyoController does)"
             )
-        observation = controller.observe(packet)
-        plan = controller.decide(observation) if self.rank == 0 else None
-        decided = self.from_writer("sharing rank 0's decisions", lambda: plan_to_json(plan))
+        if self.rank == 0:
+            observation = controller.observe(packet)
+            plan = controller.decide(observation)
+        decided, hardware = self.from_writer("sharing rank 0's decisions", lambda: (
+            plan_to_json(plan), packet.hardware_context.to_dict()))
         if self.rank != 0:
+            packet = dataclasses.replace(
+                packet, hardware_context=HardwareContext.from_dict(hardware))
+            observation = controller.observe(packet)
             plan = plan_from_json(decided, observation, controller)
         return controller.apply(plan)
 

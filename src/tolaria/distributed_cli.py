@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from collections.abc import Callable
 
 from rich.console import Console
@@ -65,9 +66,12 @@ def rank_error(exc: RuntimeError) -> DistributedError:
 
     from tolaria.distributed import environment_rank, one_line
 
-    message = f"rank {environment_rank()}: {type(exc).__name__}: {one_line(exc)}"
+    rank = environment_rank()
+    message = f"rank {rank}: {type(exc).__name__}: {one_line(exc)}"
     if isinstance(exc, DistError) or any(word in str(exc) for word in _COMMUNICATION):
-        message += " (another rank stopped, or did not answer within run.distributed_timeout_s)"
+        others = ", ".join(str(r) for r in range(int(os.environ["WORLD_SIZE"])) if r != rank)
+        message += (f" (rank(s) {others} stopped, or did not answer within "
+                    "run.distributed_timeout_s)")
     return DistributedError(message)
 
 
@@ -132,10 +136,10 @@ def launch(nproc: int, argv: list[str], console: Console) -> int:
     try:
         torchrun(launcher)
     except ChildFailedError as exc:
-        # A rank killed by a signal is the cause; one that exited because its peer went
-        # away (exit code 1, "another rank stopped") is a consequence, however early.
-        rank, failure = min(exc.failures.items(),
-                            key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
+        # A rank killed by a signal (not the launcher's own SIGTERM) is the cause; one that
+        # exited because its peer went away (code 1) is a consequence, however early.
+        rank, failure = min(exc.failures.items(), key=lambda item: (
+            item[1].exitcode >= 0 or -item[1].exitcode == signal.SIGTERM, item[1].timestamp))
         why = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         console.print(

@@ -13,6 +13,9 @@ Per epoch::
 
 Every step emits an event (:mod:`tolaria.events`): the run directory, TensorBoard and the
 progress display are callbacks.  Components are known by protocol (:mod:`tolaria.components`).
+In a multi-process run ``self.group`` (:mod:`tolaria.distributed`) is called at the
+boundaries: the training forward goes through DDP, the evidence is summed over the ranks
+before the packet, rank 0 decides, and the structure is compared after every epoch.
 """
 
 from __future__ import annotations
@@ -203,10 +206,8 @@ class TolariaTrainer:
         self._emit(records.ValidationEnd, validation=metrics, counterfactual=counterfactual)
         packet = self._assemble_system_state(training_loss, metrics, counterfactual)
         self._emit(records.PacketAssembled, packet=packet)
-        if self.group is None:
-            signal = self.tamiyo.step(packet)
-        else:  # rank 0 decides, every rank applies
-            signal = self.group.step(self.tamiyo, packet)
+        signal = (self.tamiyo.step(packet) if self.group is None  # or: rank 0 decides
+                  else self.group.step(self.tamiyo, packet))
         self._emit(records.SignalReceived, signal=signal)
         self._emit.adaptations(signal.adaptations)
         rollback = signal.emergency_rollback_required or not math.isfinite(training_loss)
