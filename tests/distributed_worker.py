@@ -51,6 +51,7 @@ def main(config_file: str, out: str) -> None:
         "wrapped": log.wrapped,
         "parameters": {k: v.clone() for k, v in trainer.model.state_dict().items()},
         "seeds": summary["seeds"],
+        "rollbacks": summary["rollbacks"],
         "val_loss": [trainer.last_record["val_loss"]],
     }, Path(out) / f"rank{rank}.pt")
     if trainer.group is not None:

@@ -110,6 +110,21 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(config_file, two_r
     assert math.isclose(one["val_loss"][0], two["val_loss"][0], rel_tol=1e-5)
 
 
+@pytest.mark.slow
+def test_an_emergency_rollback_is_taken_by_every_rank_together(tmp_path):
+    """The host's logits turn NaN for one epoch on every rank: rank 0 decides the rollback,
+    both ranks restore their (identical) snapshot, and the run goes on identical."""
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.replace(
+        'host: "plugins_for_distributed:killed_mlp", kwargs: {rank: 9, batches: 18}',
+        'host: "plugins_for_drills:poisoned_mlp", kwargs: {start: 2, stop: 3}',
+    ).replace('policy: "plugins_for_distributed:ScriptedGrowth",', ""))
+    ranks = _worker(config, tmp_path / "out", ranks=2)
+    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == 1
+    assert ranks[0]["digests"] == ranks[1]["digests"]
+    assert all(math.isfinite(r["val_loss"][0]) for r in ranks.values())
+
+
 @pytest.fixture(scope="module")
 def killed_run(config_file, tmp_path_factory):
     """``tolaria train --nproc 2`` whose rank 1 kills itself (SIGKILL) as epoch 3 starts
