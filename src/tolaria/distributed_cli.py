@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from collections.abc import Callable
 
 from rich.console import Console
@@ -46,17 +47,33 @@ def run(
         return command(args, console)
     from tolaria.distributed import RankGroup, environment_rank
 
-    if environment_rank() != 0:
-        return follow(args, console)
+    _stop_on_sigterm(environment_rank())
     try:
-        code = command(args, console)
-    except TolariaError as exc:
-        RankGroup.release(exc.exit_code)  # the others stop too, not at the timeout
-        raise
-    except RuntimeError as exc:
-        raise rank_error(exc) from exc
-    RankGroup.release(code)
-    return code
+        if environment_rank() != 0:
+            return follow(args, console)
+        try:
+            code = command(args, console)
+        except TolariaError as exc:
+            RankGroup.release(exc.exit_code)  # the others stop too, not at the timeout
+            raise
+        except RuntimeError as exc:
+            raise rank_error(exc) from exc
+        RankGroup.release(code)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what is left is saying why, and exit
+
+
+def _stop_on_sigterm(rank: int) -> None:
+    """When one rank fails the launcher stops the others with SIGTERM (and SIGKILL 30 s
+    later): end as an error does, so rank 0 still marks its run directory failed -- or,
+    when this rank is already failing (its peer went away), let it finish doing so."""
+
+    def stop(signum, frame) -> None:
+        if sys.exc_info()[0] is None:
+            raise DistributedError(f"rank {rank}: stopped by the launcher: another rank failed")
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def rank_error(exc: RuntimeError) -> DistributedError:
