@@ -347,6 +347,26 @@ def section_dashboard(r: Result) -> list[str]:
     ]
 
 
+def section_distributed(r: Result) -> list[str]:
+    setup, rewrap = r["setup"], r["rewrap_ms"]
+    rows = [[name, f"{seconds * 1e3:.1f}", str(setup["batches_per_rank"][name])]
+            for name, seconds in r["epoch_s"].items()]
+    return [
+        f"{setup['host']}, global batch {setup['global_batch']}, {setup['backend']}; medians "
+        f"of {setup['epochs_timed']} epochs x {setup['rounds']} launches per contender, "
+        "launches alternating.  Speed-up "
+        f"{r['speedup']:.2f}, scaling efficiency {r['scaling_efficiency']:.0%} (1.0: twice "
+        "as fast); on 2 shared cores two ranks and their gloo threads compete for the same "
+        "cores, so little speed-up is expected here.",
+        "",
+        *table(["processes", "epoch ms", "batches per rank"], rows),
+        "",
+        f"Re-wrap in DDP of a {rewrap['params']:,}-parameter model (2 ranks): after a graft "
+        f"{rewrap['graft']:.1f} ms, after a cull {rewrap['cull']:.1f} ms; the design's budget "
+        f"for adding parameters is {rewrap['budget']:.0f} ms.",
+    ]
+
+
 SECTIONS: dict[str, tuple[str, Callable[[Result], list[str]]]] = {
     "trainer_overhead": ("Trainer overhead vs a hand-written loop", section_trainer_overhead),
     "epoch_boundary": ("End-of-epoch hook latency", section_epoch_boundary),
@@ -355,6 +375,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Result], list[str]]]] = {
     "checkpoint": ("Snapshots, rollback and durable checkpoints", section_checkpoint),
     "optim_rebuild": ("Optimizer rebuild", section_optim_rebuild),
     "kasmina_overhead": ("Dormant-seed overhead", section_kasmina_overhead),
+    "distributed": ("Two processes vs one (torch.distributed, gloo)", section_distributed),
     "startup": ("Start-up", section_startup),
     "dashboard": ("Dashboard", section_dashboard),
 }

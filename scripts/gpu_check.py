@@ -14,7 +14,10 @@ forced at the first epoch boundary so that later epochs train a graft, and check
 4. the loaders pin memory for the CUDA run and not for a CPU run on the same machine;
 5. ``run.precision=fp16`` trains the grown job with its gradient scaler: a float16
    forward, float32 weights, a finite loss (its scaler's inf check syncs once per
-   optimizer step by design, so syncs are not counted there).
+   optimizer step by design, so syncs are not counted there);
+6. the multi-process path on NCCL with world size 1 (``tolaria.distributed``): the grown
+   job as the one rank of a group, so every step goes through DDP on ``cuda:0`` and the
+   graft is re-wrapped there, its parameters on the GPU and in DDP's buckets.
 
 Each check prints one line, ``ok:`` or ``FAILED:``; the exit code is 1 if any failed.
 """
@@ -22,6 +25,8 @@ Each check prints one line, ``ok:`` or ``FAILED:``; the exit code is 1 if any fa
 from __future__ import annotations
 
 import math
+import os
+import socket
 import sys
 import warnings
 
@@ -100,6 +105,29 @@ def grown_run(device: str, *overrides: str) -> tuple[TolariaTrainer, LoopProbe]:
     return trainer, probe
 
 
+def distributed_run(device: str, *overrides: str) -> tuple[TolariaTrainer, LoopProbe, str]:
+    """The grown job as rank 0 of a group of 1 -- NCCL on CUDA, gloo on the CPU -- so its
+    steps go through DDP and the graft is re-wrapped; the trainer, its probe, the backend."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {name: os.environ.get(name) for name in launch}
+    os.environ.update(launch)  # what torchrun would set: build_trainer joins the group
+    try:
+        trainer, probe = grown_run(device, *overrides)
+        backend = torch.distributed.get_backend()
+        torch.distributed.destroy_process_group()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+    return trainer, probe, backend
+
+
 def off_device(trainer: TolariaTrainer) -> list[str]:
     """Names of the model's and the optimizer's tensors that are not on the run's device."""
     device = trainer.device.type
@@ -152,6 +180,17 @@ def main() -> int:
         f"fp16 with a gradient scaler: float16 forward, float32 weights, loss {loss:.3f}",
         f"outputs {sorted(map(str, fp16_probe.dtypes))}, weights "
         f"{sorted(map(str, fp16_probe.weight_dtypes))}, scaler {fp16.stepper.grad_scaler}"))
+    ranked, ranked_probe, backend = distributed_run("cuda")
+    ddp = ranked.group.replica.module
+    results.append(check(
+        backend == "nccl" and ddp.device_ids == [0] and ranked.group.replica.wraps >= 2
+        and bool(ranked_probe.grafts) and not ranked_probe.off_device
+        and math.isfinite(ranked.last_record["train_loss"]),
+        f"NCCL, world size 1: DDP on cuda:0, re-wrapped {ranked.group.replica.wraps - 1} "
+        f"time(s) after growth ({', '.join(sorted(ranked_probe.grafts))} trained), every "
+        "trainable parameter in its buckets",
+        f"backend {backend}, device_ids {ddp.device_ids}, wraps {ranked.group.replica.wraps}, "
+        f"grafts {sorted(ranked_probe.grafts)}, off device {sorted(ranked_probe.off_device)[:5]}"))
     return 0 if all(results) else 1
 
 

@@ -16,6 +16,7 @@ import pytest
 from benchmarks import (
     bench_checkpoint,
     bench_dashboard,
+    bench_distributed,
     bench_epoch_boundary,
     bench_growth,
     bench_kasmina_overhead,
@@ -185,6 +186,18 @@ def test_dashboard_times_the_index_and_a_long_run_and_measures_the_server(capsys
                                           "poll_after_append", "cold_run_page"}
     assert 10 < result["server_rss_mb"] < 10_000  # a real process's resident set
     assert "| `GET /`: the runs index |" in "\n".join(report.section_dashboard(result))
+
+
+@pytest.mark.slow
+def test_distributed_times_one_and_two_processes_and_a_rewrap(capsys):
+    result = run_quick(bench_distributed, "distributed", capsys)
+    assert result["epoch_s"].keys() == {"1 process", "2 processes"}
+    # The same global batch: each of 2 ranks takes as many (half) batches as 1 process.
+    assert len(set(result["setup"]["batches_per_rank"].values())) == 1
+    assert result["scaling_efficiency"] == pytest.approx(result["speedup"] / 2)
+    assert result["rewrap_ms"]["params"] > 9_000_000 and result["rewrap_ms"]["graft"] > 0
+    lines = report.section_distributed(result)
+    assert any("after a graft" in line for line in lines)
 
 
 def test_report_renders_every_section_and_marks_missing_ones(tmp_path, mnist1d_cache,

@@ -35,3 +35,15 @@ def test_the_grown_run_trains_a_graft_and_its_probes_see_the_loop(tmp_path):
     assert probe.syncs == [] and probe.allowed_syncs() == 3 * (batches // 32)
     assert trainer.train_loader.pin_memory is False  # a CPU run never pins
     assert trainer.last_record["train_loss"] > 0
+
+
+def test_the_distributed_run_re_wraps_the_graft_in_ddp(tmp_path):
+    # The NCCL check's path with gloo on the CPU: a group of one, DDP, a re-wrap after growth.
+    from scripts.gpu_check import distributed_run
+
+    trainer, probe, backend = distributed_run("cpu", "data.kwargs.num_samples=500",
+                                              f"data.cache_dir={tmp_path}")
+    assert backend == "gloo"
+    assert probe.grafts == {"flatten.0"}
+    assert trainer.group.replica.wraps >= 2  # the first wrap, and again after the graft
+    assert "WORLD_SIZE" not in os.environ and not torch.distributed.is_initialized()

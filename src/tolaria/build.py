@@ -17,6 +17,7 @@ from torch.utils.data import default_collate
 
 from tolaria.config import TolariaConfig
 from tolaria.data import DataBundle, load_data
+from tolaria.distributed import RankGroup, launched
 from tolaria.errors import ConfigError, TolariaError
 from tolaria.hosts import build_host, count_parameters
 from tolaria.kasmina import bind_chunks, find_seeds, inject_seeds
@@ -49,7 +50,15 @@ def build_trainer(
     forward pass on a sample batch, the task's loss and metrics on this model's output and
     this data's targets, every blueprint on every chunk, callbacks, device and optimizer --
     so a mistake in any of them leaves nothing behind.
+
+    Launched by torchrun (``WORLD_SIZE`` set), the process first joins its group
+    (``tolaria.distributed``); only rank 0 keeps ``run_dir`` and the ``run.callbacks``
+    (``callbacks`` are the caller's, on every rank).
     """
+    group = RankGroup.join(config) if launched() else None
+    writer = group is None or group.is_writer
+    if not writer:
+        run_dir = None
     seed_everything(config.run.seed)
     task = Task(config.task)
     data = data if data is not None else load_data(config.data, config.run.seed)
@@ -74,9 +83,10 @@ def build_trainer(
     for seed in find_seeds(model):
         tamiyo.register_seed(seed)
     tamiyo.check_grafts()
-    callbacks = [*callbacks, *make_callbacks(config.run.callbacks)]
+    callbacks = [*callbacks, *(make_callbacks(config.run.callbacks) if writer else [])]
     return TolariaTrainer(
-        model, tamiyo, config, data=data, run_dir=run_dir, callbacks=callbacks, task=task
+        model, tamiyo, config, data=data, run_dir=run_dir, callbacks=callbacks, task=task,
+        group=group,
     )
 
 

@@ -70,11 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         "(repeatable; written to RUN_DIR/config.yaml)",
     )
 
+    from tolaria import distributed_cli  # torch-free; it imports the launcher when it runs
+
     for command in (train, resume):
         command.add_argument(
             "--quiet", action="store_true",
             help="print only errors and, when the run ends, the path of its summary.json",
         )
+        distributed_cli.add_arguments(command)
 
     plot = commands.add_parser("plot", help="draw a run's learning curves and growth events")
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory to draw")
@@ -104,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)  # messages stay one line in logs
     try:
@@ -118,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(commented_yaml(config), end="")
             return 0
-        if args.command == "train":
-            return _train(args, console)
+        if args.command in ("train", "resume"):  # --nproc N, or one rank of several
+            from tolaria import distributed_cli
+
+            return distributed_cli.run(args, argv, console,
+                                       _train if args.command == "train" else _resume)
         if args.command == "plot":
             return _plot(args, console)
-        if args.command == "academy":
-            from tolaria.academy import cli as academy_cli
+        from tolaria.academy import cli as academy_cli  # the one command left
 
-            return academy_cli.run(args, console)
-        return _resume(args, console)
+        return academy_cli.run(args, console)
     except TolariaError as exc:
         if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             traceback.print_exception(exc)

@@ -110,6 +110,11 @@ class RunConfig(Section):
     callbacks: list[CallbackConfig] = Field(default_factory=list)
     #: Stop early on ``checkpoint.monitor`` (``{patience: 5}``); null runs every epoch.
     early_stopping: EarlyStoppingConfig | None = None
+    #: Multi-process runs (``torchrun``, ``tolaria train --nproc N``): seconds a collective
+    #: waits for the other ranks.  A rank that died or hangs stops every other one within
+    #: this; longer than any one rank's slowest step (the first epoch compiles nothing, so
+    #: minutes are plenty).
+    distributed_timeout_s: float = Field(300.0, gt=0.0)
 
     @field_validator("name", mode="before")
     @classmethod
@@ -531,6 +536,7 @@ RESUMABLE_FIELDS = frozenset({
     "run.num_threads",
     "run.callbacks",
     "run.early_stopping",
+    "run.distributed_timeout_s",
     "checkpoint.every_epochs",
     "checkpoint.keep",
     "checkpoint.test_of",

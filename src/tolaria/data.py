@@ -9,7 +9,10 @@ Reproducibility contract:
 * the train/val split depends only on ``(seed, dataset)``;
 * the order of training batches in epoch ``e`` depends only on ``(seed, e)``
   (``EpochShuffleSampler``), so a run resumed at epoch ``e`` replays exactly the batches
-  the original run would have seen, with no RNG state to carry;
+  the original run would have seen, with no RNG state to carry; under ``W`` processes
+  (``tolaria.distributed``) rank ``r``'s share is a function of ``(seed, e, r, W)``
+  (``ShardedEpochSampler``), and the ranks' batches ``t`` together are the single
+  process's batch ``t``;
 * building a dataset never disturbs the caller's global ``random``/``numpy``/``torch``
   RNG streams.
 """
@@ -42,7 +45,7 @@ from torch.utils.data import (
 
 from tolaria.atomic import write_atomic
 from tolaria.config import DataConfig
-from tolaria.errors import ConfigError
+from tolaria.errors import ConfigError, RunMismatch
 from tolaria.plugins import check_kwargs, construct, is_reference, resolve_callable
 from tolaria.registry import Registry
 
@@ -79,6 +82,8 @@ class Loaders:
     train_sampler: EpochShuffleSampler
     val: DataLoader
     test: DataLoader | None
+    #: Samples per training batch of this process: ``data.batch_size`` over the ranks.
+    train_batch_size: int
 
 
 def _permutation(n: int, *entropy: int) -> np.ndarray:
@@ -120,7 +125,57 @@ class EpochShuffleSampler(Sampler[int]):
                 f"data order was recorded for n={state['n']}, seed={state['seed']} but this "
                 f"run has n={self.n}, seed={self.seed}: the dataset or seed changed"
             )
+        # Single-process checkpoints have no world size: they were written by one process.
+        recorded, world_size = state.get("world_size", 1), getattr(self, "world_size", 1)
+        if recorded != world_size:  # every older checkpoint too: the search stops here
+            raise RunMismatch(
+                f"the checkpoint was written by a run of {recorded} process(es), this one has "
+                f"{world_size}: resume with the same number (tolaria resume --nproc {recorded}, "
+                "or torchrun --nproc-per-node) -- the sums over ranks would round differently "
+                "and the run would not be reproduced bit for bit"
+            )
         self.epoch = state["epoch"]
+
+
+class ShardedEpochSampler(EpochShuffleSampler):
+    """Rank ``rank``'s share of epoch ``e`` when ``world_size`` processes train on global
+    batches of ``batch_size`` samples.
+
+    The epoch's order is the single process's (a permutation seeded by ``(seed, e)``); it is
+    cut into global batches and each global batch into ``world_size`` equal consecutive
+    slices, of which this rank takes slice ``rank``.  Equal slices make DDP's mean of the
+    ranks' gradients the gradient of the whole global batch, so the last global batch is cut
+    to a multiple of ``world_size``: at most ``world_size - 1`` samples of an epoch (other
+    ones each epoch) are left out.
+    """
+
+    def __init__(self, n: int, seed: int, *, batch_size: int, rank: int, world_size: int) -> None:
+        super().__init__(n, seed)
+        if batch_size % world_size:
+            raise ConfigError(
+                f"data.batch_size={batch_size} is the global batch, split over {world_size} "
+                f"processes: it must be a multiple of {world_size}"
+            )
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        #: Samples of an epoch the ranks train on together (all but the trimmed tail).
+        self.used = n - (n % batch_size) % world_size
+        if self.used < world_size:
+            raise ConfigError(
+                f"the training split has {n} samples: too few for {world_size} processes"
+            )
+
+    def __iter__(self) -> Iterator[int]:
+        order = _permutation(self.n, _ORDER_STREAM, self.seed, self.epoch)[: self.used]
+        full = self.used - self.used % self.batch_size  # samples in whole global batches
+        slices = order[:full].reshape(-1, self.world_size, self.batch_size // self.world_size)
+        tail = order[full:].reshape(self.world_size, -1)
+        return iter(np.concatenate((slices[:, self.rank].ravel(), tail[self.rank])).tolist())
+
+    def __len__(self) -> int:
+        return self.used // self.world_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {**super().state_dict(), "world_size": self.world_size}
 
 
 def load_data(config: DataConfig, seed: int) -> DataBundle:
@@ -159,29 +214,66 @@ def split_train_val(dataset: Dataset, val_fraction: float, seed: int) -> tuple[D
 
 
 def make_loaders(
-    bundle: DataBundle, config: DataConfig, seed: int, *, pin_memory: bool = False
+    bundle: DataBundle,
+    config: DataConfig,
+    seed: int,
+    *,
+    pin_memory: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Loaders:
     """Loaders for the bundle; only training is shuffled, and only by ``EpochShuffleSampler``.
 
     ``pin_memory`` (page-locked batches) only pays off when batches are copied to a CUDA
-    device: the trainer asks for it on CUDA runs only.
+    device: the trainer asks for it on CUDA runs only.  ``shard=(rank, world_size)`` gives
+    one process of a multi-process run its share: of every training batch
+    (``ShardedEpochSampler``) and a contiguous part of the validation split (its sums are
+    added over the ranks); the test split, measured once for the summary, goes to rank 0.
     """
-    sampler = EpochShuffleSampler(len(bundle.train), seed)  # type: ignore[arg-type]
+    n, batch_size = len(bundle.train), config.batch_size  # type: ignore[arg-type]
+    val, test = bundle.val, bundle.test
+    if shard is None:
+        sampler = EpochShuffleSampler(n, seed)
+    else:
+        rank, world_size = shard
+        sampler = ShardedEpochSampler(n, seed, batch_size=batch_size, rank=rank,
+                                      world_size=world_size)
+        batch_size //= world_size
+        val, test = _contiguous_part(val, rank, world_size), test if rank == 0 else None
 
     def in_order(dataset: Dataset) -> DataLoader:
         order = SequentialSampler(dataset)  # type: ignore[arg-type]
-        return _loader(dataset, order, config, seed, pin_memory)
+        return _loader(dataset, order, config, seed, pin_memory, batch_size)
 
     return Loaders(
-        train=_loader(bundle.train, sampler, config, seed, pin_memory),
+        train=_loader(bundle.train, sampler, config, seed, pin_memory, batch_size),
         train_sampler=sampler,
-        val=in_order(bundle.val),
-        test=None if bundle.test is None else in_order(bundle.test),
+        val=in_order(val),
+        test=None if test is None else in_order(test),
+        train_batch_size=batch_size,
     )
 
 
+def _contiguous_part(dataset: Dataset, rank: int, world_size: int) -> Dataset:
+    """Part ``rank`` of ``world_size`` nearly equal contiguous parts of ``dataset``."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < world_size:
+        raise ConfigError(
+            f"the validation split has {n} samples: too few for {world_size} processes "
+            "(raise data.val_fraction)"
+        )
+    part = np.array_split(np.arange(n), world_size)[rank]
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(t[part[0] : part[-1] + 1] for t in dataset.tensors))
+    return Subset(dataset, part.tolist())
+
+
 def _loader(
-    dataset: Dataset, sampler: Sampler[int], config: DataConfig, seed: int, pin_memory: bool
+    dataset: Dataset,
+    sampler: Sampler[int],
+    config: DataConfig,
+    seed: int,
+    pin_memory: bool,
+    batch_size: int,
 ) -> DataLoader:
     common: dict[str, Any] = {
         "num_workers": config.num_workers,
@@ -195,9 +287,9 @@ def _loader(
     if isinstance(dataset, TensorDataset):
         # In-memory tensors: one advanced index per tensor fetches a whole batch, instead of
         # batch_size __getitem__ calls and a collate (about a third of a small model's epoch).
-        batches = BatchSampler(sampler, config.batch_size, drop_last=False)
+        batches = BatchSampler(sampler, batch_size, drop_last=False)
         return DataLoader(dataset, sampler=batches, batch_size=None, **common)
-    return DataLoader(dataset, sampler=sampler, batch_size=config.batch_size, **common)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, **common)
 
 
 # --- built-in datasets ------------------------------------------------------------------

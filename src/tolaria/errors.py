@@ -76,3 +76,8 @@ class NoCheckpoint(CheckpointError):
     """The run has no checkpoint of the kind asked for: a usage error, like a wrong path."""
 
     exit_code = 2
+
+
+class DistributedError(TolariaError):
+    """The ranks of a multi-process run disagree (structure, config), or one of them stopped
+    or did not answer in time: the message names the ranks."""

@@ -253,6 +253,24 @@ class Evaluation:
         self.samples += batch
         self.elements += target.numel()
 
+    def add_up(self, sum_over_ranks: Callable[[Tensor], Tensor]) -> None:
+        """Make this pass the pass over every rank's part of the split: its running sums
+        and counts, packed in one float64 vector, become ``sum_over_ranks`` of them (one
+        all-reduce).  Metric objects keep state of their own and cannot be added up."""
+        if self._objects:
+            raise ConfigError(
+                f"task.metrics: {', '.join(self._objects)} keep their own state; a "
+                "multi-process run can only add up sum metrics"
+            )
+        sums = [self._loss, *self._sums.values()]
+        counts = torch.tensor([self.samples, self.elements], dtype=torch.float64,
+                              device=self._loss.device)
+        total = sum_over_ranks(torch.cat([*(t.double().flatten() for t in sums), counts]))
+        *added, counts = total.split([t.numel() for t in sums] + [2])
+        added = [new.view_as(old).to(old.dtype) for new, old in zip(added, sums, strict=True)]
+        self._loss, self._sums = added[0], dict(zip(self._sums, added[1:], strict=True))
+        self.samples, self.elements = (int(v) for v in counts.tolist())
+
     def result(self) -> EvalMetrics:
         if not self.samples:  # an empty split measures nothing
             values = {m.label: math.nan for m in self.task.metrics}

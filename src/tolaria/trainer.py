@@ -13,6 +13,9 @@ Per epoch::
 
 Every step emits an event (:mod:`tolaria.events`): the run directory, TensorBoard and the
 progress display are callbacks.  Components are known by protocol (:mod:`tolaria.components`).
+In a multi-process run ``self.group`` (:mod:`tolaria.distributed`) is called at the
+boundaries: the training forward goes through DDP, the evidence is summed over the ranks
+before the packet, rank 0 decides, and the structure is compared after every epoch.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -54,6 +57,9 @@ from tolaria.stepping import AccumulationWindows, BatchStepper, Precision
 from tolaria.summary import run_summary
 from tolaria.task import Task
 
+if TYPE_CHECKING:  # torch.distributed's wrappers: only a multi-process run imports them
+    from tolaria.distributed import RankGroup
+
 #: Batches between checks of the running loss for NaN/inf.  Each check is one host sync;
 #: this keeps it far from every batch while still stopping a diverged epoch early.
 NONFINITE_CHECK_INTERVAL = 32
@@ -72,8 +78,11 @@ class TolariaTrainer:
         run_dir: RunDirectory | Path | None = None,
         callbacks: Iterable[object] = (),
         task: Task | None = None,
+        group: RankGroup | None = None,
     ) -> None:
         self.config = config
+        #: This process's place in a multi-process run (``tolaria.distributed``); None: alone.
+        self.group = group
         if config.run.num_threads:
             torch.set_num_threads(config.run.num_threads)
         self.device = resolve_device(config.run.device)
@@ -82,7 +91,8 @@ class TolariaTrainer:
         self.tamiyo = tamiyo
         self.data = data if data is not None else load_data(config.data, config.run.seed)
         self.loaders = make_loaders(self.data, config.data, config.run.seed,
-                                    pin_memory=self.device.type == "cuda")
+                                    pin_memory=self.device.type == "cuda",
+                                    shard=None if group is None else group.shard)
         self.train_loader, self.val_loader = self.loaders.train, self.loaders.val
         #: What is learned and how it is scored (``tolaria.task``): the loss, metrics, monitor.
         self.task = task if task is not None else Task(config.task)
@@ -90,7 +100,8 @@ class TolariaTrainer:
         # Loaders yield CPU tensors: only another device needs a copy per batch.
         self._move_batches = self.device.type != "cpu"
 
-        windows = AccumulationWindows(len(self.loaders.train_sampler), config.data.batch_size,
+        windows = AccumulationWindows(len(self.loaders.train_sampler),
+                                      self.loaders.train_batch_size,
                                       config.optimizer.accumulate_batches)
         steps = windows.steps_per_epoch  # optimizer steps: what the LR schedule counts
         self.optimizer_manager: OptimizerManager = DynamicOptimizerManager(
@@ -188,12 +199,15 @@ class TolariaTrainer:
         self._emit(records.TrainEnd, training_loss=training_loss)
 
         # Design Figure 2: the boundary rotates Tamiyo's epoch state before validation.
+        if self.group is not None:  # the telemetry of every rank's batches
+            self.group.sum_telemetry(self.model)
         self.tamiyo.on_epoch_boundary(epoch)
         metrics, counterfactual = self.evaluate(self.val_loader, self.tamiyo.seeds_to_evaluate())
         self._emit(records.ValidationEnd, validation=metrics, counterfactual=counterfactual)
         packet = self._assemble_system_state(training_loss, metrics, counterfactual)
         self._emit(records.PacketAssembled, packet=packet)
-        signal = self.tamiyo.step(packet)
+        signal = (self.tamiyo.step(packet) if self.group is None  # or: rank 0 decides
+                  else self.group.step(self.tamiyo, packet))
         self._emit(records.SignalReceived, signal=signal)
         self._emit.adaptations(signal.adaptations)
         rollback = signal.emergency_rollback_required or not math.isfinite(training_loss)
@@ -214,12 +228,16 @@ class TolariaTrainer:
         every = self.config.checkpoint.every_epochs
         if not rollback and self.store is not None and every and (epoch + 1) % every == 0:
             self._save_durable(snapshot)  # after the epoch's records: a kill loses none of them
+        if self.group is not None:  # the same structure everywhere; behind the checkpoint
+            self.group.check_structure(self.model, epoch)
         return signal
 
     # ------------------------------------------------------------------ loops
     def _run_train_epoch(self) -> float:
         """Mean training loss of the epoch; NaN if a non-finite loss stopped it early."""
         self.model.train()
+        # Under DDP (wrapped again after growth), which all-reduces the gradients.
+        model = self.model if self.group is None else self.group.replica(self.model)
         # Decided once per epoch: with no listener the loop builds no per-batch record.
         batch_listeners = self.callbacks.listens(Event.BATCH_END)
         attempt = self._emit.attempts[self.current_epoch]
@@ -230,7 +248,7 @@ class TolariaTrainer:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
             with self._autocast():
-                loss = self.loss_fn(self.model(x), y)
+                loss = self.loss_fn(model(x), y)
             if self.stepper(loss, batches):  # backward; True when it took an optimizer step
                 self.global_step += 1
             loss_sum += loss.detach().float()
@@ -240,8 +258,12 @@ class TolariaTrainer:
                     epoch=self.current_epoch, attempt=attempt, batch=batches - 1,
                     global_step=self.global_step, loss=loss.detach(),
                 ))
-            if batches % NONFINITE_CHECK_INTERVAL == 0 and not torch.isfinite(loss_sum):
+            if batches % NONFINITE_CHECK_INTERVAL == 0 and not torch.isfinite(
+                loss_sum if self.group is None else self.group.sum(loss_sum)  # all stop
+            ):
                 break
+        if self.group is not None:  # the ranks' slices make the global batches
+            loss_sum = self.group.sum(loss_sum) / self.group.world_size
         mean = (loss_sum / max(batches, 1)).item()  # the one read of the epoch
         return mean if math.isfinite(mean) else math.nan
 
@@ -265,6 +287,8 @@ class TolariaTrainer:
                 with scope, self._autocast():
                     output = self.model(x)
                 evaluation.update(output.float(), y)
+        if self.group is not None and loader is self.val_loader:  # each rank has a part
+            self.group.sum_evaluations(passes)
         metrics = [evaluation.result() for evaluation in passes]
         return metrics[0], dict(zip(counterfactual_ids, metrics[1:], strict=True))
 
@@ -346,16 +370,23 @@ class TolariaTrainer:
     def resume(self, on_skip=None) -> int:
         """Continue from the newest valid durable checkpoint; returns the epoch it resumes at,
         0 for a run stopped before its first checkpoint: it starts over."""
-        if self.store is None:
-            raise CheckpointError("resume needs a run directory")
-        if not self.store.checkpoints():
+        def load() -> Snapshot | None:
+            if self.store is None:
+                raise CheckpointError("resume needs a run directory")
+            if not self.store.checkpoints():
+                return None
+            return self.store.load_latest(
+                on_skip=on_skip, restore=lambda s: restore_snapshot(s, self.components)
+            )
+
+        # Several processes: rank 0 loads, every rank restores the same snapshot.
+        snapshot = load() if self.group is None else self.group.resume_point(
+            load, self.components)
+        if snapshot is None:
             # Its config and seed are all such a run kept, and they make the same run again;
             # what it recorded is dropped (a resume from epoch -1), to be written once more.
             self._emit(records.Resume, epoch=-1, checkpoint_epoch=-1)
             return self.current_epoch
-        snapshot = self.store.load_latest(
-            on_skip=on_skip, restore=lambda s: restore_snapshot(s, self.components)
-        )
         self.load_state_dict(snapshot["trainer"])
         self._last_durable_epoch = snapshot.epoch
         self.snapshots.push(snapshot)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -131,6 +131,40 @@ class KasminaLayer(nn.Module):
             )
         self._reset_telemetry(self._activation_sums.device)
         return records
+
+    def add_up_telemetry(
+        self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor], replicas: int
+    ) -> None:
+        """Make this epoch's telemetry that of every rank's batches, before a flush reads it
+        (one all-reduce through ``sum_over_ranks``).
+
+        Each of the ``replicas`` ranks saw its slice of every sampled batch, so sums and
+        counts add up, while the batch counters are the same on every rank and stay.  A
+        rank's loss is the mean over its slice -- ``replicas`` times the weight each sample
+        has in the whole batch -- so its activation gradients are ``replicas`` times the
+        single process's: their squared norms are divided by ``replicas ** 2``.
+        """
+        if not self.telemetry or self.channels is None:
+            return
+        device = self._activation_sums.device
+        held = [seed._delta_energy for seed in self.seeds]
+        energies = [torch.zeros(2, dtype=torch.float64, device=device) if e is None else e
+                    for e in held]
+        counts = [self._samples, self._positions, *(float(e is not None) for e in held)]
+        total = sum_over_ranks(torch.cat((
+            self._activation_sums.flatten(),
+            self._grad_sq_sums / replicas**2,
+            torch.tensor(counts, dtype=torch.float64, device=device),
+            *energies,
+        )))
+        k = len(self.seeds)
+        activation, grad_sq, counts, energy = total.split([4 * k, k, 2 + k, 2 * k])
+        self._activation_sums = activation.view(4, k).clone()
+        self._grad_sq_sums = grad_sq.clone()
+        counts = counts.tolist()
+        self._samples, self._positions = int(counts[0]), int(counts[1])
+        for seed, trained, pair in zip(self.seeds, counts[2:], energy.view(k, 2), strict=True):
+            seed._delta_energy = pair.clone() if trained else None
 
     # -- internals -------------------------------------------------------------------
 
