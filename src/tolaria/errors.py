@@ -76,3 +76,8 @@ class NoCheckpoint(CheckpointError):
     """The run has no checkpoint of the kind asked for: a usage error, like a wrong path."""
 
     exit_code = 2
+
+
+class SandboxError(TolariaError):
+    """A job in the training sandbox crashed, ran past its wall-clock budget or its memory
+    cap: the message is the cause in one line; nothing outside its scratch changed."""
