@@ -33,7 +33,7 @@ def sleep(payload: dict, scratch: Path) -> dict:
 
 
 def allocate(payload: dict, scratch: Path) -> dict:
-    block = bytearray(int(payload["gib"] * 2**30))
+    block = bytearray(int(payload.get("gib", 2) * 2**30))
     return {"bytes": len(block)}
 
 
@@ -64,7 +64,12 @@ def _default_dtype() -> str:
     return str(torch.get_default_dtype())
 
 
-# -- stand-ins for tolaria.academy.adapter:train_job and tolaria.academy.gates:validate_job --
+# -- stand-ins for the session's snapshot, train and validate jobs ------------------------
+
+
+def snapshot(config: dict, *, run_id: str, task: str, hardware_env: dict) -> dict:
+    return {"model": {}, "tamiyo": {}, "optimizer": {}, "hardware_env": hardware_env,
+            "config": config, "task": task, "run_id": run_id}
 
 
 def train(payload: dict, scratch: Path) -> dict:

@@ -114,7 +114,7 @@ class TrainingSandbox:
             try:
                 returncode = child.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                raise SandboxError(f"{job} timed out after {timeout_s:g} s") from None
+                raise SandboxError(f"{job} timed out after {round(timeout_s, 1):g} s") from None
             finally:
                 _kill_group(child)
         wall_s = time.monotonic() - started
