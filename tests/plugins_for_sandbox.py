@@ -123,3 +123,10 @@ def validate_stall(payload: dict, scratch: Path) -> dict:
     (scratch / STALLED).write_text(str(os.getpid()))
     time.sleep(3600)
     return validate_pass(payload, scratch)
+
+
+def snapshot_then_stall(config: dict, *, run_id: str, task: str, hardware_env: dict) -> dict:
+    """Runs in the session's own process: its marker goes beside the academy."""
+    Path(os.environ["TOLARIA_TEST_MARKER"]).write_text(str(os.getpid()))
+    time.sleep(3600)
+    return snapshot(config, run_id=run_id, task=task, hardware_env=hardware_env)

@@ -247,11 +247,9 @@ class _Session:
     # -- the pipeline ---------------------------------------------------------------------
     def _choose_data(self) -> nightly_data.Selection | None:
         until = time.time()
-        cards = [found.card for _, found in reversed(self.registry.survey())
-                 if not isinstance(found, Exception)]
         with ReplayBuffer.in_academy(self.academy_dir) as replay:
-            points, runs = replay.points(), replay.runs()
-        selection = nightly_data.choose(points, runs, since=nightly_data.last_until(cards),
+            points, runs, attempts = replay.points(), replay.runs(), replay.attempts()
+        selection = nightly_data.choose(points, runs, since=nightly_data.last_until(attempts),
                                         until=until, held_out=self.settings.held_out)
         self.record["replay"] = selection.summary()
         self.record["profiles_seen"] = selection.profiles_seen()
@@ -437,10 +435,11 @@ class _Session:
         write_atomic(self.path / SESSION_FILE, _json(self.record))
 
 
-#: What the attempt row's ``detail`` keeps of the session record (the monitor reads these).
+#: What the attempt row's ``detail`` keeps of the session record: the monitor reads these,
+#: and the next session where its replay range ends.
 ATTEMPT_DETAIL = ("session", "gates", "failed_gate", "cause", "adapter_training_s",
                   "session_training_s", "allotted_s", "validation_divergence",
-                  "profiles_seen", "profiles_tested")
+                  "profiles_seen", "profiles_tested", "replay")
 
 
 def _record_attempt(academy_dir: Path, record: Mapping[str, Any], *, started: float,

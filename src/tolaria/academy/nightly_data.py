@@ -2,12 +2,12 @@
 *held-out* and *history* decision points.
 
 * **The replay range** of a session is ``(from, until]`` in the replay's recording time:
-  ``from`` is the ``until`` of the newest policy version a nightly session registered (its
-  card's ``trained_on``), ``until`` the moment this session read the buffer.  The first
-  session has no ``from``: every point is recent except the v0 campaign's (runs whose policy
-  is the campaign's exploring policy; v0's card names that campaign in its ``trained_on``).
-  A session that registered a candidate, deployed or rejected, consumed its range; a
-  session that failed or had nothing to learn did not, so its points stay recent.
+  ``until`` is the moment this session read the buffer, ``from`` the ``until`` of the newest
+  session that deployed or rejected a candidate (its attempt row's ``detail.replay``; the
+  candidate's card has it too, as ``trained_on``).  A session that failed or had nothing to
+  learn consumed nothing: its points stay recent for the next.  The first session has no
+  ``from``: every point is recent except the v0 campaign's (runs whose policy is the
+  campaign's exploring policy; v0's card names that campaign in its ``trained_on``).
 * **Held-out**: the ``held_out`` share of the recent *runs* (at least one), chosen by the
   SHA-256 of their run ids -- deterministic, and never a run split between training and the
   gates.  The rest of the recent points are what the adapter trains on.
@@ -31,6 +31,8 @@ from tolaria.atomic import write_atomic
 
 #: The behaviour policy of the v0 campaign: its runs are history, never recent.
 CAMPAIGN_POLICY = "tolaria.academy.campaign:ExploringPolicy"
+#: The outcomes of the sessions whose replay range is learned: later ones start after it.
+CONSUMED = ("deployed", "rejected")
 #: The files a session writes into ``data/`` before the sandbox starts.
 DATA_FILES = ("recent", "history", "held_out")
 
@@ -100,12 +102,14 @@ def choose(points: Sequence[dict], runs: Sequence[dict], *, since: float | None,
     return selection
 
 
-def last_until(cards: Iterable[Mapping[str, Any]]) -> float | None:
-    """The ``until`` of the newest nightly candidate among ``cards`` (newest first)."""
-    for card in cards:
-        trained_on = card.get("trained_on")
-        if isinstance(trained_on, Mapping) and isinstance(trained_on.get("until"), int | float):
-            return float(trained_on["until"])
+def last_until(attempts: Iterable[Mapping[str, Any]]) -> float | None:
+    """The ``until`` of the newest nightly session that deployed or rejected a candidate,
+    from the replay's ``attempts`` (newest first)."""
+    for attempt in attempts:
+        if attempt["kind"] == "nightly" and attempt["outcome"] in CONSUMED:
+            until = (attempt["detail"].get("replay") or {}).get("until")
+            if isinstance(until, int | float):
+                return float(until)
     return None
 
 
