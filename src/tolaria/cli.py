@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     from tolaria import evaluate_cli  # its own module; it imports torch only when it runs
 
     evaluate_cli.add_parser(commands)
+    from tolaria.academy import nightly_cli  # import-light: the session imports torch
+
+    nightly_cli.add_parser(commands)
     return parser
 
 

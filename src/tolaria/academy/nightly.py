@@ -255,7 +255,8 @@ class _Session:
         self.record["profiles_seen"] = selection.profiles_seen()
         settled, needed = selection.settled_recent(), self.settings.min_points
         if not selection.held_out_runs or settled < needed:
-            why = (f"{len(selection.runs)} recent run(s), and the gates need one held out"
+            why = (f"{len(selection.runs)} recent run(s); a session needs two (one is held "
+                   "out for the gates)"
                    if not selection.held_out_runs
                    else f"{settled} settled recent decision points (fewer than {needed})")
             self._end("skipped", cause=f"nothing to learn: {why}")
