@@ -285,6 +285,7 @@ class _Session:
                 "candidate": trained["candidate"], "champion": str(self.champion.path),
                 "held_out": str(self.data["held_out"]), "snapshots": snapshots,
                 "profiles": self.record["profiles_seen"], "settings": settings, "seed": seed,
+                "temperature": self.config.tamiyo.temperature,
             }))
         except SandboxError as exc:  # it trained, so it is registered, never promoted
             failure = str(exc)
