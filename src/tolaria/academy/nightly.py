@@ -33,6 +33,7 @@ import fcntl
 import importlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -53,6 +54,7 @@ from tolaria.errors import NightlyInUse, SandboxError, TolariaError
 SESSIONS_DIR = "nightly"
 SESSION_FILE = "session.json"
 LOCK_FILE = ".lock"
+_SESSION_ID = re.compile(r"\d{8}T\d{6}Z")
 #: The session's outcomes; ``skipped`` is a session that had nothing to learn.
 FINISHED = ("deployed", "rejected", "failed", "skipped")
 #: The gates the validate job reports, in the design's order (§6.3).
@@ -145,13 +147,16 @@ def clean_debris(academy_dir: Path) -> list[dict]:
     finished = []
     registry = PolicyRegistry(academy_dir)
     directory = sessions_dir(academy_dir)
-    for path in sorted(p for p in directory.iterdir() if p.is_dir()):
+    for path in _session_dirs(directory):
         record_file = path / SESSION_FILE
         if not record_file.exists():  # killed before its first record: nothing in it
             shutil.rmtree(path, ignore_errors=True)
             continue
-        record = json.loads(record_file.read_bytes())
-        if record["status"] == "running":
+        try:
+            record = json.loads(record_file.read_bytes())
+        except ValueError:  # written atomically, so never torn: someone else's edit
+            continue
+        if record.get("status") == "running":
             _finish_killed(academy_dir, registry, path, record)
             finished.append(record)
         shutil.rmtree(path / "scratch", ignore_errors=True)
@@ -183,7 +188,9 @@ def _finish_killed(academy_dir: Path, registry: PolicyRegistry, path: Path, reco
         if step["status"] == "running":
             step.update(status="failed", finished=_iso(now))
     record["finished"] = _iso(now)
-    if candidate is not None and champion != candidate:
+    passed = bool(record["gates"]) and record["failed_gate"] is None
+    if attempt is None and passed and candidate is not None and champion != candidate:
+        # Its card says "deployed", but the kill came first (a kept one's says so already).
         _note_on_card(registry, candidate,
                       f"never promoted: session {record['session']} was killed before its promote")
     if attempt is None:
@@ -469,11 +476,16 @@ def _new_id(directory: Path) -> str:
     """``YYYYMMDDTHHMMSSZ`` now -- or a second after the newest session, so that two
     sessions within one second still get ordered, distinct ids."""
     stamp = datetime.now(UTC).replace(microsecond=0)
-    taken = sorted(p.name for p in directory.iterdir() if p.is_dir())
+    taken = [p.name for p in _session_dirs(directory)]
     if taken:
         newest = datetime.strptime(taken[-1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
         stamp = max(stamp, newest.fromtimestamp(newest.timestamp() + 1, UTC))
     return stamp.strftime("%Y%m%dT%H%M%SZ")
+
+
+def _session_dirs(directory: Path) -> list[Path]:
+    """The session directories in ``directory``, oldest first (nothing else there)."""
+    return sorted(p for p in directory.iterdir() if p.is_dir() and _SESSION_ID.fullmatch(p.name))
 
 
 def _iso(seconds: float) -> str:
