@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,7 +58,11 @@ class Examples:
         return len(self.reward)
 
 
-def _candidates(observation: Observation, logged: Iterable[Mapping[str, Any]]):
+def logged_candidates(
+    observation: Observation, logged: Iterable[Mapping[str, Any]]
+) -> list[Candidate]:
+    """A point's candidate set as logged (``Candidate.to_dict`` entries), rebuilt on the
+    seeds of its ``observation``."""
     seeds = {s.seed_id: s for s in observation.seeds}
     rebuilt = []
     for entry in logged:
@@ -82,15 +87,16 @@ def rewarded(
     ]
 
 
-def examples(points: Iterable[Mapping[str, Any]]) -> Examples:
-    """The trainable decision points: a known reward and a known propensity."""
+def examples(points: Iterable[Mapping[str, Any]], *, max_weight: float = MAX_WEIGHT) -> Examples:
+    """The trainable decision points: a known reward and a known propensity, weighted
+    ``min(1 / propensity, max_weight)``."""
     g_rows, c_rows, owner, chosen_rows, rewards, weights = [], [], [], [], [], []
     offset = 0  # candidate rows so far: where this point's rows start
     for point in points:
         if point.get("reward") is None or not point.get("propensity"):
             continue
         observation = Observation.from_dict(point["observation"])
-        g, c = encode(observation, _candidates(observation, point["candidates"]))
+        g, c = encode(observation, logged_candidates(observation, point["candidates"]))
         index = len(g_rows)
         g_rows.append(g)
         c_rows.append(c)
@@ -98,7 +104,7 @@ def examples(points: Iterable[Mapping[str, Any]]) -> Examples:
         chosen_rows.append(offset + point["chosen"] - 1 if point["chosen"] else -1)
         offset += len(c)
         rewards.append(float(point["reward"]))
-        weights.append(min(1.0 / float(point["propensity"]), MAX_WEIGHT))
+        weights.append(min(1.0 / float(point["propensity"]), max_weight))
     if not g_rows:
         raise ValueError("no decision point with a known outcome and propensity to train on")
     return Examples(
@@ -123,30 +129,44 @@ def weighted_loss(scorer: CandidateScorer, data: Examples) -> torch.Tensor:
     return (data.weight * error.square()).sum() / data.weight.sum()
 
 
+def reward_spread(data: Examples) -> float:
+    """The rewards' weighted root mean square (1 when they are all 0): the scale a fit is
+    measured on, so that its loss does not depend on the units of the reward."""
+    spread = float(torch.sqrt((data.weight * data.reward.square()).sum() / data.weight.sum()))
+    return spread if spread > 0 else 1.0
+
+
+@contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """One CPU thread and torch's generator seeded with ``seed`` (restored after): what makes
+    a full-batch fit the same bit for bit on every run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_scorer(data: Examples, *, steps: int = STEPS) -> CandidateScorer:
     """A fresh scorer fitted to ``data``; deterministic (fixed seed, one thread).
 
     Rewards are a few hundredths of accuracy: the fit runs on rewards divided by their
     weighted spread (so weight decay does not simply flatten it), and the output layers are
     scaled back after, so scores stay in reward units (the temperature's scale)."""
-    spread = float(torch.sqrt((data.weight * data.reward.square()).sum() / data.weight.sum()))
-    scale = spread if spread > 0 else 1.0
+    scale = reward_spread(data)
     scaled = replace(data, reward=data.reward / scale)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TRAINING_SEED)
-            scorer = CandidateScorer.build()
-            optimizer = torch.optim.Adam(
-                scorer.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, foreach=False
-            )
-            for _ in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                weighted_loss(scorer, scaled).backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
+    with deterministic(TRAINING_SEED):
+        scorer = CandidateScorer.build()
+        optimizer = torch.optim.Adam(
+            scorer.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, foreach=False
+        )
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            weighted_loss(scorer, scaled).backward()
+            optimizer.step()
     with torch.no_grad():
         for head in (scorer.candidate[-1], scorer.wait[-1]):
             head.weight.mul_(scale)
