@@ -304,6 +304,8 @@ class _Session:
 
     def _snapshots(self, selection: nightly_data.Selection) -> dict[str, Any]:
         """A snapshot at the start of the newest run of each of the newest tasks."""
+        from tolaria.academy.snapshot import save_snapshot
+
         module, _, function = self.jobs.snapshot.partition(":")
         create = getattr(importlib.import_module(module), function)
         with ReplayBuffer.in_academy(self.academy_dir) as replay:
@@ -321,8 +323,7 @@ class _Session:
             except TolariaError as exc:  # a run this machine cannot rebuild: the next task
                 skipped.append({"task": task, "run_id": run["run_id"], "why": str(exc)})
                 continue
-            path = self.path / "snapshots" / f"{len(made)}.pt"
-            _save_snapshot(snapshot, path)
+            path = save_snapshot(snapshot, self.path / "snapshots" / f"{len(made)}.pt")
             made.append({"task": task, "run_id": run["run_id"], "path": str(path)})
         if not made:
             why = skipped[0]["why"] if skipped else "the replay has no runs"
@@ -389,12 +390,14 @@ class _Session:
             decision = f"kept {self.champion.name}: gate {failed} failed"
         else:
             decision = f"deployed: every gate passed (was {self.champion.name})"
+        draft = _draft_card(Path(trained["candidate"]))  # what the train job knows
         card = {
             "parent": self.champion.name,
-            "trained_on": {"session": self.id, **self.record["replay"]},
+            "trained_on": {**draft.get("trained_on", {}), "session": self.id,
+                           **self.record["replay"]},
             "gates": {**self.record["gates"], "failed_gate": failed},
             "training_s": trained.get("training_s", trained["wall_s"]),
-            "scorer": self.champion.card["scorer"],
+            "scorer": draft.get("scorer", self.champion.card["scorer"]),
             "session": self.id,
             "decision": decision,
         }
@@ -461,15 +464,13 @@ def _record_attempt(academy_dir: Path, record: Mapping[str, Any], *, started: fl
         )
 
 
-def _save_snapshot(snapshot: dict, path: Path) -> None:
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(snapshot, buffer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buffer.getvalue())
+def _draft_card(candidate: Path) -> dict[str, Any]:
+    """The train job's ``card.json`` draft in the candidate directory ({} without one)."""
+    try:
+        draft = json.loads((candidate / CARD_FILE).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return draft if isinstance(draft, dict) else {}
 
 
 def _new_id(directory: Path) -> str:
