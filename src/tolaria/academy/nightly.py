@@ -221,8 +221,7 @@ class _Session:
         self.id = _new_id(sessions_dir(self.academy_dir))
         self.path = sessions_dir(self.academy_dir) / self.id
         self.scratch = self.path / "scratch"
-        champion = self.registry.champion()
-        self.champion = champion
+        self.champion = champion = self.registry.champion()
         self.data: dict[str, Path] = {}  # data/*.json, once chosen
         now = time.time()
         self.record: dict[str, Any] = {
@@ -273,7 +272,7 @@ class _Session:
         return selection
 
     def _steps(self, selection: nightly_data.Selection) -> None:
-        snapshots = self._step("snapshot", lambda: self._snapshots(selection))["paths"]
+        snapshots = self._step("snapshot", self._snapshots)["paths"]
         profile = selection.runs[-1]["hardware"]  # the newest recent run's machine
         sandbox = TrainingSandbox(profile, scratch=self.scratch,
                                   memory_gib=self.settings.memory_gib,
@@ -296,14 +295,15 @@ class _Session:
             }))
         except SandboxError as exc:  # it trained, so it is registered, never promoted
             failure = str(exc)
-            self._step("deploy", lambda: self._deploy(tensors, trained, None, failure))
+            self._step("deploy", lambda: self._deploy(tensors, trained, failure))
             raise
         self._take_gates(gates)
-        self._step("deploy", lambda: self._deploy(tensors, trained, gates, None))
+        self._step("deploy", lambda: self._deploy(tensors, trained, None))
         self._end("rejected" if self.record["failed_gate"] else "deployed")
 
-    def _snapshots(self, selection: nightly_data.Selection) -> dict[str, Any]:
-        """A snapshot at the start of the newest run of each of the newest tasks."""
+    def _snapshots(self) -> dict[str, Any]:
+        """A snapshot at the start of the newest run of each of the newest tasks (any run
+        of the replay: the history gate is about what the champion already does well)."""
         from tolaria.academy.snapshot import save_snapshot
 
         module, _, function = self.jobs.snapshot.partition(":")
@@ -381,8 +381,9 @@ class _Session:
             ),
         )
 
-    def _deploy(self, tensors: dict, trained: dict, gates: dict | None,
-                failure: str | None) -> dict[str, Any]:
+    def _deploy(self, tensors: dict, trained: dict, failure: str | None) -> dict[str, Any]:
+        """Register the candidate; promote it when every gate passed (``failure``: why its
+        gates were not measured)."""
         failed = self.record["failed_gate"]
         if failure is not None:
             decision = f"kept {self.champion.name}: its gates were not measured ({failure})"
