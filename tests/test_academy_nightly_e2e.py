@@ -70,5 +70,5 @@ def test_a_session_on_the_day_s_replay_deploys_and_is_deterministic(daytime, tmp
     for version in versions:
         assert PolicyRegistry(version.path.parents[1]).champion().name == "v1"
         trained_on = version.card["trained_on"]  # the train job's draft, completed
-        assert trained_on["examples"] > 0 and trained_on["session"] == first["session"]
+        assert trained_on["examples"] > 0 and trained_on["session"] == version.card["session"]
         assert (version.path / "adapter" / "adapter_config.json").is_file()
