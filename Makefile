@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; pin it so pip never pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test lint reliability bench academy-v0 gpu-check clean
+.PHONY: setup demo test lint reliability bench academy academy-v0 gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test: lint
 # `make test` runs the same drills and fails when the committed table no longer matches them.
 reliability: setup
 	TOLARIA_WRITE_RELIABILITY=1 $(BIN)/pytest -m drill
+
+# The academy's day and night from scratch: daytime runs with the learned policy on a
+# workload v0 never saw (synthetic rings), then one nightly session: its gates and decision.
+academy: setup
+	rm -rf runs/academy-demo
+	$(BIN)/tolaria academy demo --dir runs/academy-demo
 
 # The base policy v0 shipped in the package: the replay campaign and the scorer trained on it
 # (about 6 minutes on 2 cores).  Deterministic: a rebuild gives the committed weights bit for bit.

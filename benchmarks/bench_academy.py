@@ -12,6 +12,13 @@ epochs, once per run seed (>= 3):
 Per run: test accuracy of the final model, parameters added, grafts tried, grafts culled
 (wasted: trained, then thrown away) and where the grafts went (blueprint, and input or
 hidden layer).  The goal (ACADEMY.md §6): v0 at least as accurate, with fewer wasted grafts.
+
+Then the nightly sessions on one of those workloads (``rings``, the demo's): ``--sessions``
+times, ``--nightly-runs`` daytime runs of the exploring learned champion (seeds from 100, not
+the evaluation's) into their own academy, then ``tolaria nightly``'s session; the champion
+it leaves, greedy, is measured beside v0 and the heuristic on the same seeds.  Recorded per
+session: its outcome, the gates (``history_score`` among them) and the adapter training time
+against the design's 30 minutes.
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ import argparse
 import statistics
 import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import bench_main
 from tolaria.academy.campaign import CAMPAIGN_TASKS, GROWTH_SETTINGS, SYNTHETIC
+from tolaria.academy.demo import demo_config
+from tolaria.academy.nightly import run_session
+from tolaria.academy.registry import PolicyRegistry
 from tolaria.build import build_trainer
 from tolaria.config import load_config
 from tolaria.contracts import SeedState
@@ -41,6 +52,10 @@ POLICIES: dict[str, list[str]] = {
     "heuristic": ["tamiyo.policy=heuristic"],
     "v0": ["tamiyo.policy=learned", "tamiyo.policy_version=v0", "tamiyo.temperature=0"],
 }
+#: The workload of the nightly sessions: the demo's (``tolaria academy demo``).
+NIGHTLY_TASK = "rings/mlp[32,32]"
+#: The design's target for one adapter training (§7), seconds.
+ADAPTER_TARGET_S = 1800.0
 
 
 class GraftCounter(Callback):
@@ -56,9 +71,9 @@ class GraftCounter(Callback):
             self.culled += 1
 
 
-def run_one(task: str, policy: str, seed: int, epochs: int, root: str) -> dict[str, Any]:
+def run_one(task: str, policy: list[str], seed: int, epochs: int, root: str) -> dict[str, Any]:
     config = load_config(overrides=[
-        *GROWTH_SETTINGS, *HELD_OUT[task], *POLICIES[policy],
+        *GROWTH_SETTINGS, *HELD_OUT[task], *policy,
         f"run.epochs={epochs}", f"run.seed={seed}", "run.device=cpu", "run.progress=false",
         "run.tensorboard=false", f"run.runs_root={root}", f"data.cache_dir={root}/cache",
     ])
@@ -86,19 +101,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as root:
         for task in HELD_OUT:
             for policy in POLICIES:
-                runs = [run_one(task, policy, s, args.epochs, root) for s in range(args.seeds)]
-                where: Counter[str] = Counter()
-                for r in runs:
-                    where.update(r["where"])
-                rows.append({
-                    "task": task,
-                    "policy": policy,
-                    **{k: _mean_std([r[k] for r in runs])
-                       for k in ("test_accuracy", "params_added", "grafts", "culled")},
-                    "where": dict(sorted(where.items())),
-                    "runs": runs,
-                })
+                runs = [run_one(task, POLICIES[policy], s, args.epochs, root)
+                        for s in range(args.seeds)]
+                rows.append(_row(task, policy, runs))
+        nightly = run_nightly(args, Path(root))
+        champion = nightly["champion"]
+        settings = ["tamiyo.policy=learned", f"tamiyo.policy_version={champion}",
+                    "tamiyo.temperature=0", f"academy.dir={nightly.pop('academy')}",
+                    "academy.replay=false"]
+        runs = [run_one(NIGHTLY_TASK, settings, s, args.epochs, root) for s in range(args.seeds)]
+        rows.append(_row(NIGHTLY_TASK, f"nightly {champion}", runs))
     by = {(r["task"], r["policy"]): r for r in rows}
+    ours = by[(NIGHTLY_TASK, f"nightly {champion}")]["test_accuracy"]["mean"]
+    nightly.update({
+        f"accuracy_delta_vs_{policy}": ours - by[(NIGHTLY_TASK, policy)]["test_accuracy"]["mean"]
+        for policy in POLICIES
+    })
     verdicts = {
         task: {
             "accuracy_delta": by[(task, "v0")]["test_accuracy"]["mean"]
@@ -108,12 +126,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for task in HELD_OUT
     }
-    return {"epochs": args.epochs, "seeds": args.seeds, "rows": rows, "verdicts": verdicts}
+    return {"epochs": args.epochs, "seeds": args.seeds, "rows": rows, "verdicts": verdicts,
+            "nightly": nightly}
+
+
+def _row(task: str, policy: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    where: Counter[str] = Counter()
+    for r in runs:
+        where.update(r["where"])
+    return {
+        "task": task,
+        "policy": policy,
+        **{k: _mean_std([r[k] for r in runs])
+           for k in ("test_accuracy", "params_added", "grafts", "culled")},
+        "where": dict(sorted(where.items())),
+        "runs": runs,
+    }
+
+
+def run_nightly(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """``args.sessions`` rounds of daytime runs then a nightly session, in one academy."""
+    academy = root / "nightly-academy"
+    sessions = []
+    for round_ in range(args.sessions):
+        for k in range(args.nightly_runs):
+            seed = 100 + round_ * args.nightly_runs + k
+            config = demo_config(academy, seed)
+            config.run.epochs = args.epochs
+            build_trainer(config, run_dir=academy / "runs" / f"day-{seed}").train()
+        record = run_session(academy, demo_config(academy))
+        sessions.append({
+            **{key: record[key] for key in ("session", "status", "champion", "candidate",
+                                            "cause", "failed_gate", "adapter_training_s",
+                                            "session_training_s", "validation_divergence")},
+            "gates": {name: gate["value"] for name, gate in record["gates"].items()},
+            "recent_points": record["replay"].get("recent_points"),
+        })
+    return {"academy": str(academy), "runs_per_session": args.nightly_runs,
+            "sessions": sessions, "champion": PolicyRegistry(academy).champion().name,
+            "adapter_target_s": ADAPTER_TARGET_S}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--sessions", type=int, default=1,
+                        help="nightly sessions on the rings workload, each after its runs")
+    parser.add_argument("--nightly-runs", type=int, default=6,
+                        help="daytime runs before each nightly session")
 
 
 def report(result: dict[str, Any]) -> None:
@@ -126,6 +186,16 @@ def report(result: dict[str, Any]) -> None:
         print(f"{r['task']:<20} {r['policy']:<10} {acc['mean']:>8.3f} ± {acc['std']:.3f} "
               f"{r['params_added']['mean']:>10.0f} {r['grafts']['mean']:>7.1f} "
               f"{r['culled']['mean']:>7.1f}  {r['where']}")
+    nightly = result["nightly"]
+    for s in nightly["sessions"]:
+        adapter = s["adapter_training_s"]
+        print(f"nightly session {s['session']}: {s['status']} {s['candidate'] or ''} "
+              f"(from {s['champion']}), gates {s['gates']}, adapter training "
+              f"{'-' if adapter is None else f'{adapter:.1f} s'} (target "
+              f"{nightly['adapter_target_s']:.0f} s)")
+    print(f"champion {nightly['champion']} on {NIGHTLY_TASK}: "
+          f"{nightly['accuracy_delta_vs_v0']:+.3f} test accuracy vs v0, "
+          f"{nightly['accuracy_delta_vs_heuristic']:+.3f} vs the heuristic")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -252,7 +252,29 @@ def section_academy(r: Result) -> list[str]:
                 "grafts by blueprint@layer (all seeds)"], rows),
         "",
         *verdicts,
+        *nightly_lines(r.get("nightly")),
     ]
+
+
+def nightly_lines(nightly: dict[str, Any] | None) -> list[str]:
+    """The nightly sessions on the rings workload and the champion they left (`nightly vK`
+    in the table above), when the result has them."""
+    if not nightly:
+        return []
+    lines = ["", f"Nightly sessions on rings, each after {nightly['runs_per_session']} "
+                 "daytime runs of the exploring champion (seeds from 100):"]
+    for s in nightly["sessions"]:
+        adapter = s["adapter_training_s"]
+        gates = ", ".join(f"{name} {value:.3f}" for name, value in s["gates"].items())
+        lines.append(
+            f"- {s['session']}: {s['status']}"
+            + (f" {s['candidate']}" if s["candidate"] else "") + f" (from {s['champion']})"
+            + (f"; gates {gates}" if gates else f"; {s['cause']}")
+            + ("" if adapter is None else f"; adapter training {adapter:.1f} s "
+               f"(target < {nightly['adapter_target_s'] / 60:.0f} min)"))
+    lines.append(f"- champion {nightly['champion']} vs v0 {nightly['accuracy_delta_vs_v0']:+.1%}, "
+                 f"vs the heuristic {nightly['accuracy_delta_vs_heuristic']:+.1%} test accuracy")
+    return lines
 
 
 def section_checkpoint(r: Result) -> list[str]:

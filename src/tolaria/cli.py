@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     from tolaria.dashboard import cli as dashboard_cli  # import-light: uvicorn only when it runs
 
     dashboard_cli.add_parser(commands)
+    from tolaria.academy import nightly_cli  # import-light: the session imports torch
+
+    nightly_cli.add_parser(commands)
     return parser
 
 

@@ -374,6 +374,9 @@ class NightlyConfig(Section):
     #: Historical tasks the history gate continues (newest first), and for how many epochs.
     history_tasks: int = Field(3, ge=1)
     history_epochs: int = Field(8, ge=1)
+    #: Fewer settled recent decision points than this (held-out ones aside): nothing to
+    #: learn, and the session stops before training.
+    min_points: int = Field(20, ge=1)
     #: Relative measurement noise of the hardware-stability gate's perturbations.
     noise: float = Field(0.01, ge=0)
     #: The sandbox process's address-space cap (GiB) and wall-clock budget (seconds): the

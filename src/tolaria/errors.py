@@ -81,3 +81,14 @@ class NoCheckpoint(CheckpointError):
 class DistributedError(TolariaError):
     """The ranks of a multi-process run disagree (structure, config), or one of them stopped
     or did not answer in time: the message names the ranks."""
+
+
+class SandboxError(TolariaError):
+    """A job in the training sandbox crashed, ran past its wall-clock budget or its memory
+    cap: the message is the cause in one line; nothing outside its scratch changed."""
+
+
+class NightlyInUse(TolariaError):
+    """Another nightly session holds the academy: one at a time."""
+
+    exit_code = 2

@@ -26,7 +26,8 @@ STATUS_ATTEMPTS = 10
 
 def add_parser(subparsers: Any) -> None:
     academy = subparsers.add_parser(
-        "academy", help="the learned controller's policy versions (status, promote, revert)"
+        "academy",
+        help="the learned controller's policy versions (status, promote, revert, demo)"
     )
     commands = academy.add_subparsers(dest="academy_command", required=True)
     where = argparse.ArgumentParser(add_help=False)
@@ -66,9 +67,20 @@ def add_parser(subparsers: Any) -> None:
         "--workdir", type=Path,
         help="keep the campaign's runs and replay buffer here (default: a temporary folder)",
     )
+    demo = commands.add_parser(
+        "demo", help="daytime runs on a workload v0 never saw, then one nightly session"
+    )
+    demo.add_argument("--dir", type=Path, default=Path("runs/academy-demo"),
+                      help="the demo's own academy (default: runs/academy-demo; run again, "
+                           "it adds runs and holds the next session)")
+    demo.add_argument("--runs", type=int, default=6, help="daytime runs before the night")
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    if args.academy_command == "demo":  # its own academy, in --dir
+        from tolaria.academy import demo
+
+        return demo.run(args, console)
     if args.academy is None:
         from tolaria.config import TolariaConfig  # the rule runs follow, so both agree
 
