@@ -60,6 +60,13 @@ def test_passing_gates_deploy_the_candidate(academy):
     assert attempt["detail"]["profiles_seen"] == [PROFILE]
     assert attempt["detail"]["session_training_s"] > 0
     assert check_consistent(academy) == "v1"
+    # The session ends by publishing the monitor's metrics, this attempt counted.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(academy / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("academy/policy_success_rate")] == [
+        (1, 1.0)]
 
 
 def test_a_failing_gate_keeps_the_champion_and_the_card_names_it(academy):

@@ -50,6 +50,7 @@ from tolaria.academy.sandbox import TrainingSandbox
 from tolaria.atomic import write_atomic
 from tolaria.config import TolariaConfig
 from tolaria.errors import NightlyInUse, SandboxError, TolariaError
+from tolaria.monitor.academy import publish_to_tensorboard
 
 SESSIONS_DIR = "nightly"
 SESSION_FILE = "session.json"
@@ -440,6 +441,8 @@ class _Session:
         if status != "skipped":
             _record_attempt(self.academy_dir, self.record, started=self.record["started_ts"],
                             finished=now)
+            # The §7 metrics with this attempt in them, for `tensorboard --logdir <academy>`.
+            publish_to_tensorboard(self.academy_dir, self.config.academy.monitor)
         self._save()
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.listener.on_end(self.record)
