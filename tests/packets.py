@@ -20,3 +20,20 @@ def make_packet(
         hardware_context=HW,
         **fields,
     )
+
+
+def observe_a_plateau(config, data):
+    """A trainer one epoch in, whose Tamiyo observes a packet on which it would graft (every
+    epoch is a plateau): ``(trainer, observation)``."""
+    from tolaria.build import build_trainer  # builds a model: only the tests that need one
+
+    config.tamiyo.plateau_patience = 1
+    config.tamiyo.plateau_min_delta = 10.0
+    trainer = build_trainer(config, data=data)
+    trainer.run_epoch(0)
+    tamiyo = trainer.tamiyo
+    tamiyo.on_epoch_boundary(1)
+    observation = tamiyo.observe(
+        make_packet(1, 1.0, 0.5, health_map=tamiyo.health_map, seed_states=tamiyo.seed_states)
+    )
+    return trainer, observation

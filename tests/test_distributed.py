@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from packets import make_packet
+from packets import observe_a_plateau
 from tolaria.checkpoint import CheckpointStore
 from tolaria.config import KasminaConfig, TolariaConfig
 from tolaria.data import EpochShuffleSampler, ShardedEpochSampler
@@ -258,19 +258,11 @@ def test_the_global_batch_must_split_evenly_and_the_world_size_must_match_on_res
 
 
 def test_a_plan_survives_its_json_unchanged(tiny_config, tiny_data):
-    from tolaria.build import build_trainer
     from tolaria.tamiyo.controller import Plan
     from tolaria.tamiyo.emergency import Emergency
 
-    tiny_config.tamiyo.plateau_patience = 1
-    tiny_config.tamiyo.plateau_min_delta = 10.0  # every epoch is a plateau: it grafts
-    trainer = build_trainer(tiny_config, data=tiny_data)
-    trainer.run_epoch(0)
+    trainer, observation = observe_a_plateau(tiny_config, tiny_data)  # it grafts
     tamiyo = trainer.tamiyo
-    tamiyo.on_epoch_boundary(1)
-    observation = tamiyo.observe(
-        make_packet(1, 1.0, 0.5, health_map=tamiyo.health_map, seed_states=tamiyo.seed_states)
-    )
     plan = tamiyo.decide(observation)
     assert plan.decisions and plan.points
     # What another rank rebuilds from rank 0's JSON: the same decisions and growth points.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from packets import make_packet
+from packets import make_packet, observe_a_plateau
 from tolaria.build import build_trainer
 from tolaria.config import KasminaConfig, TamiyoConfig, load_config
 from tolaria.contracts import SeedState
@@ -16,15 +16,8 @@ from tolaria.tamiyo import TamiyoController, make_policy
 
 
 def test_decide_changes_nothing_and_is_deterministic(tiny_config, tiny_data):
-    tiny_config.tamiyo.plateau_patience = 1
-    tiny_config.tamiyo.plateau_min_delta = 10.0  # every epoch is a plateau
-    trainer = build_trainer(tiny_config, data=tiny_data)
-    trainer.run_epoch(0)
+    trainer, observation = observe_a_plateau(tiny_config, tiny_data)
     tamiyo = trainer.tamiyo
-    tamiyo.on_epoch_boundary(1)
-    observation = tamiyo.observe(
-        make_packet(1, 1.0, 0.5, health_map=tamiyo.health_map, seed_states=tamiyo.seed_states)
-    )
     before = (export_structure(trainer.model), json.dumps(tamiyo.state_dict(), sort_keys=True))
     first, second = tamiyo.decide(observation), tamiyo.decide(observation)
     assert first == second and first.decisions  # it would graft...
