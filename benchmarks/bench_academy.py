@@ -170,7 +170,7 @@ def run_nightly(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--sessions", type=int, default=1,
+    parser.add_argument("--sessions", type=int, default=3,
                         help="nightly sessions on the rings workload, each after its runs")
     parser.add_argument("--nightly-runs", type=int, default=6,
                         help="daytime runs before each nightly session")
