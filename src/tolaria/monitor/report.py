@@ -25,13 +25,16 @@ def status_parts(academy_dir: Path, now: float | None = None) -> list[str | Tabl
     except ReplayError as exc:
         return [f"training monitor: {exc}"]
     parts: list[str | Table] = []
-    if all(row.window == NO_SESSION for row in rows):
+    # Before the first session the line says it once, not every row's window column.
+    windows = not all(row.window == NO_SESSION for row in rows)
+    if not windows:
         parts.append(f"training monitor: {NO_SESSION}")
     table = _table("training monitor (design §7; docs/monitor.md)",
-                   "metric", "value", "target", "alert", "state", "window")
+                   "metric", "value", "target", "alert", "state", *["window"] * windows)
     for row in rows:
         state = f"[bold red]{row.state}[/]" if row.state == "alert" else row.state
-        table.add_row(row.label, row.shown, row.target, row.alert, state, row.window)
+        table.add_row(row.label, row.shown, row.target, row.alert, state,
+                      *[row.window] * windows)
     parts.append(table)
     if not alerts:
         return [*parts, "no alerts"]
