@@ -27,3 +27,14 @@ class InterruptAt(Callback):
     def on_event(self, trainer, record) -> None:
         if record.kind == self.event and record.epoch == self.epoch:
             raise KeyboardInterrupt
+
+
+class FailsAtEpoch(Callback):
+    """A callback with a bug: its ``on_epoch_end`` raises at ``epoch``."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, record) -> None:
+        if record.epoch == self.epoch:
+            raise ValueError("boom")

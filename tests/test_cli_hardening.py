@@ -102,6 +102,28 @@ def test_user_code_that_raises_is_one_line_and_the_traceback_only_when_asked(
     assert not run.exists()
 
 
+def test_a_callback_that_raises_mid_run_is_one_line_and_the_run_ends_failed_with_its_epochs(
+    tmp_path, capsys
+):
+    run = tmp_path / "run"
+    callback = 'run.callbacks=["plugins_for_cli_tests:FailsAtEpoch"]'
+    assert main(["train", "--run-dir", str(run), *sets(*DIGITS, "run.epochs=3", callback)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [  # the run had started: its directory, then the cause
+        f"run directory: {run}",
+        "tolaria: error: callback plugins_for_cli_tests:FailsAtEpoch.on_epoch_end raised "
+        "ValueError at epoch_end of epoch 1: boom"]
+    # What was written stays: both epochs' lines, and a status that says how the run ended.
+    assert [line["epoch"] for line in metrics(run)] == [0, 1]
+    assert json.loads((run / "status.json").read_text())["phase"] == "failed"
+
+    assert main(["--debug", "train", "--run-dir", str(tmp_path / "again"),
+                 *sets(*DIGITS, "run.epochs=3", callback)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: boom" in err
+
+
 # -- a finished run to work on -------------------------------------------------------------
 
 

@@ -78,6 +78,11 @@ class NoCheckpoint(CheckpointError):
     exit_code = 2
 
 
+class CallbackError(TolariaError):
+    """A callback raised: the message names it, the event and the exception (``--debug``
+    shows its traceback); the run ends ``failed`` with what it had written kept."""
+
+
 class DistributedError(TolariaError):
     """The ranks of a multi-process run disagree (structure, config), or one of them stopped
     or did not answer in time: the message names the ranks."""

@@ -28,6 +28,8 @@ import enum
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from tolaria.errors import CallbackError, TolariaError
+
 
 class Event(enum.StrEnum):
     RUN_START = "run_start"
@@ -114,7 +116,15 @@ class Callbacks:
 
     def emit(self, trainer: Any, record: Any) -> None:
         for method in self._listeners[record.kind]:
-            method(trainer, record)
+            try:
+                method(trainer, record)
+            except TolariaError:
+                raise
+            except Exception as exc:  # a bug in a callback: one line naming it, not a trace
+                raise CallbackError(
+                    f"callback {method.__module__}:{method.__qualname__} raised "
+                    f"{type(exc).__name__} at {record.kind.value} of epoch {record.epoch}: {exc}"
+                ) from exc
 
     def __iter__(self):
         return iter(self.callbacks)
