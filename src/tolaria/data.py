@@ -99,6 +99,9 @@ class EpochShuffleSampler(Sampler[int]):
     how many epochs ran before, so resuming is just ``set_epoch(e)``.
     """
 
+    #: Processes sharing each epoch (``ShardedEpochSampler``): one here.
+    world_size = 1
+
     def __init__(self, n: int, seed: int) -> None:
         if n < 1:
             raise ConfigError(f"cannot shuffle an empty dataset (n={n})")
@@ -126,12 +129,12 @@ class EpochShuffleSampler(Sampler[int]):
                 f"run has n={self.n}, seed={self.seed}: the dataset or seed changed"
             )
         # Single-process checkpoints have no world size: they were written by one process.
-        recorded, world_size = state.get("world_size", 1), getattr(self, "world_size", 1)
-        if recorded != world_size:  # every older checkpoint too: the search stops here
+        recorded = state.get("world_size", 1)
+        if recorded != self.world_size:  # every older checkpoint too: the search stops here
             raise RunMismatch(
                 f"the checkpoint was written by a run of {recorded} process(es), this one has "
-                f"{world_size}: resume with the same number (tolaria resume --nproc {recorded}, "
-                "or torchrun --nproc-per-node) -- the sums over ranks would round differently "
+                f"{self.world_size}: resume with the same number (tolaria resume --nproc "
+                f"{recorded}, or torchrun --nproc-per-node) -- the sums over ranks would round differently "
                 "and the run would not be reproduced bit for bit"
             )
         self.epoch = state["epoch"]
