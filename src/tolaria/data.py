@@ -134,8 +134,8 @@ class EpochShuffleSampler(Sampler[int]):
             raise RunMismatch(
                 f"the checkpoint was written by a run of {recorded} process(es), this one has "
                 f"{self.world_size}: resume with the same number (tolaria resume --nproc "
-                f"{recorded}, or torchrun --nproc-per-node) -- the sums over ranks would round differently "
-                "and the run would not be reproduced bit for bit"
+                f"{recorded}, or torchrun --nproc-per-node) -- the sums over ranks would round "
+                "differently and the run would not be reproduced bit for bit"
             )
         self.epoch = state["epoch"]
 
