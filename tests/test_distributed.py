@@ -179,6 +179,15 @@ def test_resuming_with_another_number_of_processes_is_refused(killed_run):
     assert "Traceback" not in done.stderr
 
 
+def test_a_config_error_is_said_once_before_any_rank_starts(config_file):
+    done = _run([PYTHON, "-m", "tolaria", "train", "--nproc", "2", "--config", str(config_file),
+                 "--set", "optimizer.lr=-1"], timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"tolaria: error: {config_file}: optimizer.lr: Input should be greater than 0 (got -1)"
+    ]
+
+
 # ------------------------------------------------------------------ in-process, world 2
 def _rank_of_a_group(rank: int, port: int, grow_on: int | None, results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),

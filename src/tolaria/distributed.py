@@ -32,7 +32,9 @@ the launcher stops the others (``tolaria.distributed_cli`` names the failed rank
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -137,10 +139,23 @@ class RankGroup:
     @staticmethod
     def release(exit_code: int) -> None:
         """End this process's part: a rank 0 that never reached its build (the command
-        stopped before, or failed) tells the waiting ranks to stop with ``exit_code``."""
+        stopped before, or failed) tells the waiting ranks to stop with ``exit_code``.
+
+        After a run that finished, every rank first waits for the others, so that none
+        tears its connections down while another still uses them.  Then what still holds
+        the group (a finished trainer's DDP wrapper, often in a reference cycle) is
+        collected while the interpreter is whole: left to interpreter shutdown, gloo's
+        worker threads may free tensors after Python is gone and abort the process
+        (SIGABRT, "terminate called without an active exception"; seen once in CI).
+        """
         if not dist.is_initialized():
             group = RankGroup._connect(RunConfig())
             group.from_writer("stopping the run", lambda: exit_code)
+        elif exit_code == 0:
+            # A peer that finished and went away already: there is nothing left to share.
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
     # ------------------------------------------------------------------ collectives

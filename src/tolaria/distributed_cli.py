@@ -42,6 +42,7 @@ def run(
     """``command(args, console)`` as this process's part of the run."""
     launched = "WORLD_SIZE" in os.environ
     if args.nproc is not None and not launched:
+        _config(args)  # a config error is said once, here, rather than by every rank
         return launch(args.nproc, argv, console)
     if not launched:
         return command(args, console)
@@ -98,18 +99,12 @@ _COMMUNICATION = ("gloo", "NCCL", "Connection reset", "Connection closed", "Time
 
 def follow(args: argparse.Namespace, console: Console) -> int:
     """A rank other than 0: the same trainer, no run directory, no display."""
-    from tolaria.build import build_trainer
     from tolaria.distributed import RankGroup, RankStopped, environment_rank
 
     try:
-        config = _config(args)
-        try:
-            trainer = build_trainer(config)
-        except RankStopped as stop:  # rank 0 found nothing to do, or failed: it said why
-            return stop.exit_code
-        if args.command == "resume":
-            trainer.resume()
-        trainer.train()
+        _train_as_follower(args)
+    except RankStopped as stop:  # rank 0 found nothing to do, or failed: it said why
+        return stop.exit_code
     except (TolariaError, RuntimeError) as exc:
         error = exc if isinstance(exc, TolariaError) else rank_error(exc)
         message = str(error) if str(error).startswith("rank ") else (
@@ -119,8 +114,17 @@ def follow(args: argparse.Namespace, console: Console) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return 130
-    RankGroup.release(0)
+    RankGroup.release(0)  # the trainer is out of scope now: release can collect it
     return 0
+
+
+def _train_as_follower(args: argparse.Namespace) -> None:
+    from tolaria.build import build_trainer
+
+    trainer = build_trainer(_config(args))
+    if args.command == "resume":
+        trainer.resume()
+    trainer.train()
 
 
 def _config(args: argparse.Namespace):
