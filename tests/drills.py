@@ -39,7 +39,7 @@ import pytest
 
 GROWTH = [
     "tamiyo.plateau_patience=1",
-    "tamiyo.plateau_min_delta=10",  # every epoch is a plateau: graft as soon as allowed
+    "tamiyo.plateau_min_improvement=10",  # every epoch is a plateau: graft as soon as allowed
     "tamiyo.min_training_epochs=1",
     "kasmina.blend_epochs=1",
 ]

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from tolaria.config import KasminaConfig
-from tolaria.kasmina import KasminaSeed, find_seeds, inject_seeds
+from tolaria.kasmina import Blueprint, KasminaSeed, find_seeds, inject_seeds
+from tolaria.kasmina.blueprints import blueprint_shapes
 
 
 class TinyMLP(nn.Module):
@@ -66,10 +67,16 @@ def grown_pair(
     return plain, model, x, find_seeds(model)
 
 
-def host_for(chunk_supported) -> str:
-    """The first host kind whose first seed's chunk shape satisfies ``chunk_supported``."""
+def host_for(blueprint: Blueprint) -> str:
+    """The first host kind whose first seed ``blueprint`` supports."""
     for kind in HOSTS:
         _, _, _, seeds = grown_pair(kind)
-        if chunk_supported(seeds[0].chunk_shape):
+        if blueprint.supports(*shapes_at(seeds[0], blueprint)):
             return kind
     raise LookupError("no test host fits")
+
+
+def shapes_at(seed: KasminaSeed, blueprint: Blueprint) -> tuple:
+    """What ``blueprint``'s methods take at ``seed`` (its chunk's shape, and its module
+    input's for a blueprint that reads it)."""
+    return blueprint_shapes(blueprint, seed.chunk_shape, seed.input_shape)

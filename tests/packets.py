@@ -28,7 +28,7 @@ def observe_a_plateau(config, data):
     from tolaria.build import build_trainer  # builds a model: only the tests that need one
 
     config.tamiyo.plateau_patience = 1
-    config.tamiyo.plateau_min_delta = 10.0
+    config.tamiyo.plateau_min_improvement = 10.0
     trainer = build_trainer(config, data=data)
     trainer.run_epoch(0)
     tamiyo = trainer.tamiyo

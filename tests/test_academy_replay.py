@@ -253,7 +253,7 @@ def recorded_run(config, data, tmp_path, **kwargs):
 
 def test_a_run_records_its_row_points_and_outcomes(tiny_config, tiny_data, tmp_path):
     tiny_config.run.epochs = 6  # grafts settle within the run
-    tiny_config.tamiyo.plateau_min_delta = 10.0  # every epoch a plateau: graft at once
+    tiny_config.tamiyo.plateau_min_improvement = 10.0  # every epoch a plateau: graft at once
     tiny_config.tamiyo.min_training_epochs = 1
     tiny_config.kasmina.blend_epochs = 1
     trainer, buffer, emitted = recorded_run(tiny_config, tiny_data, tmp_path)
@@ -286,7 +286,7 @@ def test_a_rollback_never_records_a_point_twice(tiny_config, tiny_data, tmp_path
     tiny_config.model.host = "plugins_for_drills:poisoned_mlp"
     tiny_config.model.kwargs = {"poison": "nan", "start": 3, "stop": 5}
     tiny_config.run.epochs = 6
-    tiny_config.tamiyo.plateau_min_delta = 10.0
+    tiny_config.tamiyo.plateau_min_improvement = 10.0
     tiny_config.tamiyo.max_germinations_per_epoch = 1
     trainer, buffer, emitted = recorded_run(tiny_config, tiny_data, tmp_path)
 
@@ -306,7 +306,7 @@ def test_a_write_that_fails_mid_run_is_one_warning_and_the_run_goes_on(
     tiny_config, tiny_data, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(replay, "BUSY_TIMEOUT_S", 0.05)
-    tiny_config.tamiyo.plateau_min_delta = 10.0
+    tiny_config.tamiyo.plateau_min_improvement = 10.0
     holder = []
 
     class LockTheBuffer(Callback):  # another process stuck inside a write from epoch 2 on

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina_hosts import TinyMLP, grown_pair, host_for
+from kasmina_hosts import TinyMLP, grown_pair, host_for, shapes_at
 from tolaria.config import KasminaConfig
 from tolaria.contracts import SeedState
 from tolaria.errors import BlueprintError
@@ -33,6 +33,7 @@ BUILTINS = [
     "residual_mlp",
     "se_gate",
     "signal_conv1d",
+    "widen",
 ]
 
 
@@ -51,14 +52,15 @@ def test_builtins_are_registered():
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_blueprint_graft_training_isolation_and_cull(name):
-    kind = host_for(get_blueprint(name).supports)
+    kind = host_for(get_blueprint(name))
     plain, model, x, seeds = grown_pair(kind)
     seed = seeds[0]
     reference = model(x)
 
     seed.germinate(name, epoch=0, reason="test")
     assert seed.state is SeedState.GERMINATED
-    assert seed.param_count() == get_blueprint(name).param_cost(seed.chunk_shape) > 0
+    blueprint = get_blueprint(name)
+    assert seed.param_count() == blueprint.param_cost(*shapes_at(seed, blueprint)) > 0
     assert (model(x) - reference).abs().max() <= 1e-6
 
     seed.transition(SeedState.TRAINING, epoch=0, reason="test")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kasmina_hosts import TinyConv, TinyMLP
+from kasmina_hosts import TinyConv, TinyMLP, shapes_at
 from tolaria.config import KasminaConfig
 from tolaria.contracts import SeedState
 from tolaria.errors import ConfigError
@@ -161,22 +161,24 @@ def test_a_first_forward_under_inference_mode_does_not_poison_training():
 
 
 @pytest.mark.parametrize(
-    ("host", "input_shape", "chunk_shape"),
+    ("host", "input_shape", "chunk_shape", "block_input"),
     [
-        (MLPHost, (40,), (8,)),
-        (CNN1dHost, (40,), (4, 40)),
-        (CNN2dHost, (1, 8, 8), (4, 8, 8)),
+        (MLPHost, (40,), (8,), (40,)),
+        (CNN1dHost, (40,), (4, 40), (1, 40)),
+        (CNN2dHost, (1, 8, 8), (4, 8, 8), (1, 8, 8)),
     ],
 )
-def test_hidden_seeds_fit_every_builtin_host(host, input_shape, chunk_shape):
+def test_hidden_seeds_fit_every_builtin_host(host, input_shape, chunk_shape, block_input):
     model = host(input_shape, 10)
     layers = inject_seeds(model, KasminaConfig(layers=["hidden.*"], chunks=4))
     assert [layer.module_fqn for layer in layers] == ["hidden.0", "hidden.1"]
     model(torch.randn(2, *input_shape))
     seed = find_seeds(model)[0]
     assert seed.chunk_shape == chunk_shape
-    fitting = [name for name in available_blueprints() if get_blueprint(name).supports(chunk_shape)]
-    assert len(fitting) >= 3
+    assert seed.input_shape == block_input  # what a widening blueprint reads
+    fitting = [name for name in available_blueprints()
+               if get_blueprint(name).supports(*shapes_at(seed, get_blueprint(name)))]
+    assert "widen" in fitting and len(fitting) >= 4
     for name in fitting:
         seed.germinate(name, epoch=0)
         seed.transition(SeedState.CULLED, epoch=0, reason="next")

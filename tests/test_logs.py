@@ -32,7 +32,7 @@ DIGITS = [
     "run.tensorboard=false",
     "checkpoint.every_epochs=0",
     "tamiyo.plateau_patience=1",
-    "tamiyo.plateau_min_delta=10.0",  # every epoch is a plateau: seeds move from the start
+    "tamiyo.plateau_min_improvement=10.0",  # every epoch is a plateau: seeds move from the start
 ]
 #: Its loss goes NaN in the second epoch's first run: rolled back, run again as attempt 2.
 POISONED = ["model.host=plugins_for_drills:poisoned_mlp", "model.kwargs={start: 2, stop: 3}"]
@@ -129,7 +129,7 @@ CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n")  # cursor moves end what a
 @pytest.mark.parametrize("width", [60, 83])
 def test_the_live_bars_fit_the_terminal_and_cut_no_number(tiny_config, tiny_data, width):
     tiny_config.tamiyo.plateau_patience = 1
-    tiny_config.tamiyo.plateau_min_delta = 10.0  # long transition lines, from epoch 0
+    tiny_config.tamiyo.plateau_min_improvement = 10.0  # long transition lines, from epoch 0
     screen = io.StringIO()
     # soft_wrap as the CLI's console has it: lines are not wrapped unless the display does.
     console = Console(file=screen, width=width, force_terminal=True, color_system="standard",

@@ -43,7 +43,7 @@ def bomb_growth(config, bomb):
     config.kasmina.blend_epochs = 1
     config.tamiyo.blueprints = [bomb]
     config.tamiyo.plateau_patience = 1
-    config.tamiyo.plateau_min_delta = 10.0  # every epoch is a plateau: grow at once
+    config.tamiyo.plateau_min_improvement = 10.0  # every epoch is a plateau: grow at once
     config.tamiyo.min_training_epochs = 1
     config.tamiyo.max_active_seeds = 1
     config.tamiyo.max_germinations_per_epoch = 1

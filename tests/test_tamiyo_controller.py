@@ -43,7 +43,7 @@ def tamiyo_config(**overrides) -> TamiyoConfig:
     """The settings these scenarios rely on, spelled out (the tuned defaults may move)."""
     settings = dict(
         plateau_patience=2,
-        plateau_min_delta=1e-3,
+        plateau_min_improvement=1e-3,
         max_active_seeds=2,
         max_germinations_per_epoch=1,
         min_training_epochs=3,

@@ -205,3 +205,24 @@ def test_a_seed_whose_delta_outgrew_its_chunk_is_culled_not_blended():
     assert moves == {"a.0": SeedState.BLENDING, "a.1": SeedState.CULLED}
     culled = next(d for d in decisions if d.seed_id == "a.1")
     assert "8.00x" in culled.reason and culled.evidence["delta_ratio"] == 8.0
+
+
+@pytest.mark.parametrize(("best", "loss", "plateau"), [
+    (0.30, 0.28, False),  # 6.7% better: progress on a task whose loss is small
+    (2.00, 1.98, True),   # 1% better: a plateau, though the same 0.02 in absolute loss
+    (-1.00, -1.02, True),  # a loss below zero: the fraction is of its size
+    (-1.00, -1.10, False),
+])
+def test_the_plateau_is_relative_to_the_runs_own_loss(best, loss, plateau):
+    policy = HeuristicPolicy(config(plateau_patience=1, plateau_min_improvement=0.05))
+    policy.load_state_dict({"best_validation_loss": best, "epochs_since_improvement": 0})
+    grows = bool(policy.decide(observe([dormant("a", telemetry("a"))], loss=loss)))
+    assert grows is plateau
+
+
+def test_the_first_epoch_is_progress_not_a_plateau():
+    policy = HeuristicPolicy(config(plateau_patience=1, plateau_min_improvement=10.0))
+    first = observe([dormant("a", telemetry("a"))], loss=5.0)
+    assert policy.decide(first) == []
+    policy.update(first, [])
+    assert policy.state_dict() == {"best_validation_loss": 5.0, "epochs_since_improvement": 0}

@@ -235,7 +235,7 @@ def test_a_regression_run_grows_and_its_summary_reports_r2_and_mse(tmp_path):
         "data.kwargs={n_train: 500, n_test: 200}", "data.batch_size=32",
         "model.kwargs={hidden: [8, 8]}", 'kasmina.layers=["hidden.*"]', "kasmina.blend_epochs=1",
         "optimizer.seed_lr_multiplier=1.0", "tamiyo.blueprints=[residual_mlp]",
-        "tamiyo.plateau_min_delta=10", "tamiyo.min_training_epochs=1",
+        "tamiyo.plateau_min_improvement=10", "tamiyo.min_training_epochs=1",
     )
     trainer = build_trainer(config, run_dir=tmp_path / "run")
     summary = trainer.train()

@@ -174,12 +174,11 @@ class OptimizerConfig(Section):
     lr: float = Field(0.02, gt=0.0)
     #: Passed to the optimizer class, e.g. ``{weight_decay: 1.0e-4}``.
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    #: Seed parameters on trial train at ``lr * seed_lr_multiplier``.  A seed on trial learns
-    #: with the host's output unchanged, so nothing checks its size until it blends in: at
-    #: the full rate a graft on the input grew large enough to wreck the host when blended
-    #: (1 run in 5 at lr 0.01, most at 0.02).  A tenth of the rate keeps it a small
-    #: correction; fossilized seeds train at the full rate with the host.
-    seed_lr_multiplier: float = Field(0.1, gt=0.0)
+    #: Seed parameters on trial train at ``lr * seed_lr_multiplier``; fossilized seeds train
+    #: at ``lr`` with the host.  1: a seed's objective in TRAINING has a finite optimum
+    #: (``kasmina.target_delta_ratio``), so the full rate needs no brake, and nothing changes
+    #: rate when a seed fossilizes (at 0.1 the 10x step was a loss spike).
+    seed_lr_multiplier: float = Field(1.0, gt=0.0)
     #: Optimizer steps over which a new seed's learning rate ramps up from zero; a seed
     #: joining mid-ramp restarts it for the whole seed group (``tolaria.schedules``).
     seed_warmup_steps: int = Field(0, ge=0)
@@ -246,6 +245,10 @@ class KasminaConfig(Section):
     telemetry_interval: int = Field(16, ge=1)
     #: A magnitude at or above this counts as saturated in telemetry.
     saturation_threshold: float = Field(3.0, gt=0.0)
+    #: While TRAINING a seed learns the functional-gradient target ``d* = -c g``: ``g`` the
+    #: loss gradient at its chunk, ``c`` chosen so that ``rms(d*)`` is this fraction of the
+    #: chunk's RMS (``KasminaSeed``).  The host's outputs and gradients stay exactly its own.
+    target_delta_ratio: float = Field(0.5, gt=0.0)
     #: Epochs over which a seed's alpha ramps from 0 to 1 while BLENDING.
     blend_epochs: int = Field(3, ge=1)
     #: The shape of that ramp.
@@ -269,10 +272,12 @@ class TamiyoConfig(Section):
     #: propensity for the replay buffer.  0: greedy (evaluation).  Scores are reward
     #: estimates (a good graft scores ~0.1), so small values already explore.
     temperature: float = Field(0.02, ge=0.0)
-    #: Epochs without ``plateau_min_delta`` improvement in validation loss = plateau.
+    #: Epochs without ``plateau_min_improvement`` in validation loss = plateau.
     plateau_patience: int = Field(1, ge=1)
-    #: Validation-loss improvement that counts as progress (see ``plateau_patience``).
-    plateau_min_delta: float = Field(0.05, ge=0.0)
+    #: Validation-loss improvement that counts as progress, as a fraction of the best loss so
+    #: far (relative, as ReduceLROnPlateau's ``threshold_mode="rel"``): the same test on a
+    #: task whose loss is 0.3 as on one whose loss is 2.
+    plateau_min_improvement: float = Field(0.05, ge=0.0)
     #: No germination before this epoch, however flat the loss.
     min_epochs_before_growth: int = Field(0, ge=0)
     #: Seeds grafted at most per epoch (within ``max_active_seeds``).
@@ -297,9 +302,10 @@ class TamiyoConfig(Section):
     health_weight_gradient: float = Field(1.0, ge=0.0)
     #: Epochs a seed trains in isolation (host output unchanged) before it may blend.
     min_training_epochs: int = Field(2, ge=1)
-    #: A seed whose delta grew past this multiple of its layer's RMS while TRAINING (where
-    #: it never reaches the loss, so nothing holds it back) is culled instead of blended.
-    #: Measured on the default job: helpful grafts ~0.5, grafts that wrecked the host 3-23.
+    #: A seed whose delta grew past this multiple of its layer's RMS while TRAINING is culled
+    #: instead of blended: a safety net, as the TRAINING target holds a delta near
+    #: ``kasmina.target_delta_ratio``.  Without that target, grafts that wrecked the default
+    #: job's host measured 2.6-50.
     max_delta_ratio: float = Field(2.0, gt=0.0)
     #: Epochs a fully blended seed is on probation before it is judged.
     probation_epochs: int = Field(1, ge=1)

@@ -2,9 +2,9 @@
 
 Folding replaces every ``KasminaLayer`` by what its forward computes in eval mode.  A seed
 adds ``alpha * d(chunk)`` to its chunk of the host output, with ``alpha`` 1 once FOSSILIZED,
-the blending ramp while BLENDING, 1 in PROBATIONARY and 0 before (a TRAINING seed is
-straight-through: its value is the host's).  DORMANT and CULLED seeds hold no blueprint
-and add nothing.  A layer whose seeds all add nothing becomes ``nn.Identity``; any other
+the blending ramp while BLENDING, 1 in PROBATIONARY and 0 before (a TRAINING seed's
+value is the host's).  DORMANT and CULLED seeds hold no blueprint
+and add nothing.  A layer whose seeds all add nothing becomes an identity; any other
 becomes ``GraftedChunks``, the same split into chunks with the kept deltas added.  Seeds
 still on trial are dropped (``trials="drop"``: the host as it stands without them) or kept
 at their current alpha (``"keep"``: exactly what validation measured).
@@ -40,25 +40,33 @@ from tolaria.kasmina import KasminaLayer, KasminaSeed
 
 class GraftedChunks(nn.Module):
     """A folded ``KasminaLayer``: ``h`` split along dim 1 at ``split_points``; chunk ``i``
-    becomes ``c + alpha_i * d_i(c)`` where a graft is kept and stays ``c`` elsewhere."""
+    becomes ``c + alpha_i * d_i(c)`` where a graft is kept and stays ``c`` elsewhere
+    (``d_i(x)`` for a graft that reads the module's input ``x``, left by the same pre-hook
+    as the layer's)."""
 
     def __init__(
-        self, split_points: tuple[int, ...], grafts: dict[int, tuple[nn.Module, float]]
+        self,
+        split_points: tuple[int, ...],
+        grafts: dict[int, tuple[nn.Module, float]],
+        reads_input: set[int],
     ) -> None:
         super().__init__()
         self.split_points = split_points
         self.deltas = nn.ModuleDict({str(i): delta for i, (delta, _) in grafts.items()})
         self.alphas = {i: alpha for i, (_, alpha) in grafts.items()}
+        self.reads_input = reads_input
+        self.block_input: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x, self.block_input = self.block_input, None
         chunks = torch.tensor_split(h, self.split_points, dim=1)
-        return torch.cat([self._graft(i, chunk) for i, chunk in enumerate(chunks)], dim=1)
+        return torch.cat([self._graft(i, chunk, x) for i, chunk in enumerate(chunks)], dim=1)
 
-    def _graft(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+    def _graft(self, i: int, chunk: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         alpha = self.alphas.get(i)
         if alpha is None:
             return chunk
-        d = self.deltas[str(i)](chunk)
+        d = self.deltas[str(i)](x if i in self.reads_input else chunk)
         # The seed's own arithmetic, so the fold is exact: h + d(h) at alpha 1.
         return chunk + d if alpha == 1.0 else chunk + alpha * d
 
@@ -91,9 +99,18 @@ def _fold_layer(layer: KasminaLayer, trials: str) -> nn.Module:
         if alpha != 0.0:
             grafts[i] = (seed.blueprint, alpha)
     if not grafts:
-        return nn.Identity()
+        return _Unchanged()
     widths = [seed.chunk_shape[0] for seed in layer.seeds]
-    return GraftedChunks(tuple(itertools.accumulate(widths[:-1])), grafts)
+    reads_input = {i for i in grafts if layer.seeds[i].reads_input}
+    return GraftedChunks(tuple(itertools.accumulate(widths[:-1])), grafts, reads_input)
+
+
+class _Unchanged(nn.Identity):
+    """A folded layer that adds nothing; it drops the module input the pre-hook leaves."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.block_input = None
+        return h
 
 
 def _kept_alpha(seed: KasminaSeed, trials: str) -> float:

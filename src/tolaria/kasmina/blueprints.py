@@ -8,6 +8,12 @@ output layer's gradient ``dL/dW_out = g * a^T`` is then non-zero, and once it mo
 input side receives gradient too.  (Zeroing both sides would leave ReLU units whose
 input and output weights never move.)
 
+Most blueprints read the chunk they correct.  One that ``reads_input`` reads the host
+module's *input* instead (``x`` of ``h = module(x)``): its methods take the input's
+per-sample shape after the chunk's, ``build(chunk_shape, input_shape, **kwargs)``, and
+``widen`` uses it to add new units to the module itself, which a function of ``h`` alone
+cannot (a residual on a 32-wide layer stays 32 wide).
+
 ``param_cost(chunk_shape, **kwargs)`` is each built-in's closed-form parameter count, so
 a controller can budget growth without building anything.  Users add their own with
 ``register_blueprint``; a subclass that does not override ``param_cost`` gets it by
@@ -40,6 +46,9 @@ class Blueprint(ABC):
 
     name: str = ""
     kind: str = "other"
+    #: Whether the delta reads the host module's input rather than the chunk (module
+    #: docstring); its methods then take ``(chunk_shape, input_shape, ...)``.
+    reads_input: bool = False
 
     @abstractmethod
     def build(self, chunk_shape: ChunkShape, **kwargs: Any) -> nn.Module:
@@ -53,11 +62,21 @@ class Blueprint(ABC):
         """Fraction of the chunk one output of the delta reads (1: all of it)."""
         return 1.0
 
-    def param_cost(self, chunk_shape: ChunkShape, **kwargs: Any) -> int:
-        """Scalar parameters ``build(chunk_shape, **kwargs)`` creates."""
+    def param_cost(self, *shapes: ChunkShape, **kwargs: Any) -> int:
+        """Scalar parameters ``build(*shapes, **kwargs)`` creates."""
         with torch.device("meta"):
-            module = self.build(tuple(chunk_shape), **kwargs)
+            module = self.build(*(tuple(shape) for shape in shapes), **kwargs)
         return sum(p.numel() for p in module.parameters())
+
+
+def blueprint_shapes(
+    blueprint: Blueprint, chunk_shape: ChunkShape, input_shape: ChunkShape | None
+) -> tuple[ChunkShape, ...] | None:
+    """The shapes ``blueprint``'s methods take at a seed: ``(chunk,)``, or ``(chunk, input)``
+    for one that reads the module's input; None when that input's shape is unknown."""
+    if not blueprint.reads_input:
+        return (tuple(chunk_shape),)
+    return None if input_shape is None else (tuple(chunk_shape), tuple(input_shape))
 
 
 def _zero_(layer: nn.Module) -> nn.Module:
@@ -251,6 +270,60 @@ class SqueezeExcitation(Blueprint):
         return 2 * c * h + h + c
 
 
+class Widen(Blueprint):
+    """``H`` new units of the host module, read from its input ``x`` and projected onto the
+    chunk: ``d(x) = W2 relu(W1 x + b1) + b2`` with ``W2`` zeroed, so ``h + d(x)`` is the
+    module made ``H`` units wider, the next layer reading the new units through ``W2``.
+
+    On a flat module (``x: [F]``, chunk ``[C]``) ``W1`` is ``Linear(F, H)`` and ``W2``
+    ``Linear(H, C)``; on a feature map (``x: [C_in, *S]``, chunk ``[C, *S]``, the same
+    spatial size) ``W1`` is a ``kernel_size`` convolution (padding ``k // 2``) and ``W2`` a
+    1x1 one.  ``hidden`` defaults to ``ratio`` x the chunk's channels.  Cost
+    ``F*H*k^n + H + H*C + C`` (``k^n = 1`` when flat).
+    """
+
+    name = "widen"
+    kind = "mlp"
+    reads_input = True
+
+    def receptive_field(self, chunk_shape: ChunkShape, input_shape: ChunkShape,
+                        **kwargs: Any) -> float:
+        return 1.0
+
+    def supports(self, chunk_shape: ChunkShape, input_shape: ChunkShape) -> bool:
+        same_layout = len(chunk_shape) == len(input_shape) and chunk_shape[1:] == input_shape[1:]
+        return same_layout and 1 <= len(chunk_shape) <= 4  # flat, or 1-D to 3-D feature maps
+
+    def build(
+        self,
+        chunk_shape: ChunkShape,
+        input_shape: ChunkShape,
+        hidden: int | None = None,
+        ratio: float = 1.0,
+        kernel_size: int = 3,
+    ) -> nn.Module:
+        c, f, h = chunk_shape[0], input_shape[0], _width(chunk_shape, hidden, ratio)
+        spatial = len(chunk_shape) - 1
+        if spatial == 0:
+            return nn.Sequential(nn.Linear(f, h), nn.ReLU(), _zero_(nn.Linear(h, c)))
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial - 1]
+        return nn.Sequential(
+            conv(f, h, kernel_size, padding=kernel_size // 2), nn.ReLU(), _zero_(conv(h, c, 1))
+        )
+
+    def param_cost(
+        self,
+        chunk_shape: ChunkShape,
+        input_shape: ChunkShape,
+        hidden: int | None = None,
+        ratio: float = 1.0,
+        kernel_size: int = 3,
+    ) -> int:
+        c, f, h = chunk_shape[0], input_shape[0], _width(chunk_shape, hidden, ratio)
+        taps = kernel_size ** (len(chunk_shape) - 1)
+        return f * h * taps + h + h * c + c
+
+
 _REGISTRY: Registry[Blueprint] = Registry("blueprint", "tamiyo.blueprints")
 
 
@@ -294,5 +367,6 @@ for _builtin in (
     Conv2dResidual(),
     SignalConv1d(),
     SqueezeExcitation(),
+    Widen(),
 ):
     register_blueprint(_builtin)

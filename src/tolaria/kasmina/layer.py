@@ -60,6 +60,9 @@ class KasminaLayer(nn.Module):
             object.__setattr__(seed, "_layer", self)
         #: Whether any seed holds a blueprint; kept by the seeds, read on every forward.
         self.grafted = False
+        #: The host module's input of the forward now running, left by a pre-hook
+        #: (``_kasmina_input_hook``) and taken by ``forward``: what ``widen`` reads.
+        self.block_input: torch.Tensor | None = None
         self.channels: int | None = None
         self._widths: list[int] = []
         self._split_points: tuple[int, ...] = ()
@@ -76,8 +79,9 @@ class KasminaLayer(nn.Module):
         self._batches = 0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x, self.block_input = self.block_input, None  # never held past its forward
         if self.channels is None:
-            self._bind(h)
+            self._bind(h, x)
         if self.training and self.telemetry and not self.paused:
             self._observe(h)
         if not self.grafted:
@@ -86,7 +90,7 @@ class KasminaLayer(nn.Module):
         chunks = torch.tensor_split(h, self._split_points, dim=1)
         return torch.cat(
             [
-                chunk if seed.blueprint is None else seed(chunk)
+                chunk if seed.blueprint is None else seed(chunk, x)
                 for seed, chunk in zip(seeds, chunks, strict=True)
             ],
             dim=1,
@@ -168,8 +172,9 @@ class KasminaLayer(nn.Module):
 
     # -- internals -------------------------------------------------------------------
 
-    def _bind(self, h: torch.Tensor) -> None:
-        """Learn the channel layout from the first output; give each seed its chunk shape."""
+    def _bind(self, h: torch.Tensor, x: torch.Tensor | None) -> None:
+        """Learn the channel layout from the first output; give each seed its chunk shape,
+        and the shape of the module's input ``x`` (None: unknown, nothing reads it)."""
         if not isinstance(h, torch.Tensor) or h.dim() < 2:
             got = f"shape {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
             raise ConfigError(
@@ -190,6 +195,8 @@ class KasminaLayer(nn.Module):
                     f"host gives {shape}"
                 )
             seed.chunk_shape = shape
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                seed.input_shape = tuple(x.shape[1:])
         self.channels, self._widths = channels, widths
         self._split_points = tuple(itertools.accumulate(widths[:-1]))
         self._reduce_dims = (0, *range(2, h.dim()))
@@ -268,6 +275,11 @@ def _kasmina_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) 
     return module.kasmina(output)
 
 
+def _kasmina_input_hook(module: nn.Module, args: tuple) -> None:
+    # A pre-hook, so that an nn.Sequential's appended layer sees the block's input too.
+    module.kasmina.block_input = args[0] if args else None
+
+
 def inject_seeds(model: nn.Module, config: KasminaConfig) -> list[KasminaLayer]:
     """Attach a ``KasminaLayer`` named ``kasmina`` to every module matching ``config.layers``.
 
@@ -298,6 +310,7 @@ def inject_seeds(model: nn.Module, config: KasminaConfig) -> list[KasminaLayer]:
         if isinstance(module, nn.ModuleList | nn.ModuleDict):
             raise ConfigError(f"kasmina.layers: {name!r} is a container without a forward")
         module.add_module("kasmina", layer)
+        module.register_forward_pre_hook(_kasmina_input_hook)
         # nn.Sequential runs every child in order, so there the appended layer already
         # sees the output; a hook as well would apply it twice.
         if type(module).forward is not nn.Sequential.forward:

@@ -36,6 +36,7 @@ def export_structure(model: nn.Module) -> dict[str, Any]:
                 "blueprint": seed.blueprint_name,
                 "blueprint_kwargs": dict(seed.blueprint_kwargs),
                 "chunk_shape": None if seed.chunk_shape is None else list(seed.chunk_shape),
+                "input_shape": None if seed.input_shape is None else list(seed.input_shape),
                 "epochs_in_state": seed.epochs_in_state,
                 "clock": seed.clock,
                 "history": [record.to_dict() for record in seed.history],
@@ -83,6 +84,8 @@ def _plan(seed: KasminaSeed, record: dict[str, Any]) -> tuple[KasminaSeed, dict,
         )
     if seed.chunk_shape is None:
         seed.chunk_shape = shape  # the shape a forward would record; needed to build
+    if seed.input_shape is None and record.get("input_shape") is not None:  # absent: older
+        seed.input_shape = tuple(record["input_shape"])
     if not SeedState(record["state"]).holds_blueprint:
         return seed, record, None
     name, kwargs = record["blueprint"], record["blueprint_kwargs"]

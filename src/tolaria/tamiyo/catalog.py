@@ -15,6 +15,7 @@ from tolaria.config import KasminaConfig, TamiyoConfig
 from tolaria.contracts import SeedState
 from tolaria.errors import BlueprintError, ConfigError
 from tolaria.kasmina import KasminaSeed, available_blueprints, get_blueprint
+from tolaria.kasmina.blueprints import blueprint_shapes
 from tolaria.tamiyo.emergency import IncidentMemory
 from tolaria.tamiyo.policy import GraftOption
 
@@ -37,17 +38,22 @@ class GraftCatalog:
     def _kwargs(self, name: str) -> dict:
         return self.config.blueprint_kwargs.get(name, {})
 
-    def price(self, name: str, chunk_shape: Shape) -> tuple[int, float] | None:
-        """``(parameters, receptive field)`` of ``name`` on this chunk, None if it does not
-        fit; ``ConfigError`` if its ``blueprint_kwargs`` do not fit it."""
-        key = (name, chunk_shape)
+    def price(
+        self, name: str, chunk_shape: Shape, input_shape: Shape | None = None
+    ) -> tuple[int, float] | None:
+        """``(parameters, receptive field)`` of ``name`` on this chunk (of a module whose
+        input has per-sample shape ``input_shape``), None if it does not fit; ``ConfigError``
+        if its ``blueprint_kwargs`` do not fit it."""
+        blueprint = get_blueprint(name)
+        shapes = blueprint_shapes(blueprint, chunk_shape, input_shape)
+        key = (name, shapes)
         if key not in self._priced:
-            blueprint, kwargs = get_blueprint(name), self._kwargs(name)
+            kwargs = self._kwargs(name)
             try:
                 self._priced[key] = (
-                    (blueprint.param_cost(chunk_shape, **kwargs),
-                     blueprint.receptive_field(chunk_shape, **kwargs))
-                    if blueprint.supports(chunk_shape) else None
+                    (blueprint.param_cost(*shapes, **kwargs),
+                     blueprint.receptive_field(*shapes, **kwargs))
+                    if shapes is not None and blueprint.supports(*shapes) else None
                 )
             except (TypeError, ValueError) as exc:
                 raise ConfigError(
@@ -66,7 +72,7 @@ class GraftCatalog:
             return ()
         options = []
         for name in self.config.blueprints:
-            priced = self.price(name, tuple(seed.chunk_shape))
+            priced = self.price(name, tuple(seed.chunk_shape), seed.input_shape)
             if priced is not None:
                 options.append(GraftOption(
                     blueprint=name,
@@ -86,13 +92,13 @@ class GraftCatalog:
         ``ConfigError`` if ``blueprint_kwargs`` break a blueprint on a chunk it supports,
         or if no configured blueprint fits any seed.  The global RNG is left untouched.
         """
-        by_shape = {tuple(s.chunk_shape): s for s in seeds if s.chunk_shape}
+        by_shape = {(tuple(s.chunk_shape), s.input_shape): s for s in seeds if s.chunk_shape}
         if not by_shape:
             return
         fits = 0
         for name in self.config.blueprints:
-            for shape, seed in by_shape.items():
-                if self.price(name, shape) is None:
+            for shapes, seed in by_shape.items():
+                if self.price(name, *shapes) is None:
                     continue  # this blueprint does not support this chunk: fine elsewhere
                 try:
                     with torch.random.fork_rng(devices=[]):
@@ -103,7 +109,7 @@ class GraftCatalog:
         if not fits:
             raise ConfigError(
                 f"tamiyo.blueprints={self.config.blueprints}: none fits any seed's chunk "
-                f"(chunk shapes {sorted(by_shape)} at kasmina.layers="
+                f"(chunk shapes {sorted({c for c, _ in by_shape})} at kasmina.layers="
                 f"{self.kasmina_config.layers}); choose blueprints for these layers "
                 f"(available: {available_blueprints()})"
             )

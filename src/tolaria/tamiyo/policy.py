@@ -19,8 +19,8 @@ registered name or as ``module:Class``; the class is called with the ``TamiyoCon
    ``gain_loss >= fossilize_min_loss_gain``, and is CULLED otherwise.  A seed holding a
    graft implicated in an incident is culled whatever its state.
 2. **Grow on a plateau.**  When validation loss has not improved by
-   ``plateau_min_delta`` for ``plateau_patience`` epochs (the policy's memory; a graft
-   answers the plateau, so the count restarts) and fewer than
+   ``plateau_min_improvement`` (a fraction of its best) for ``plateau_patience`` epochs
+   (the policy's memory; a graft answers the plateau, so the count restarts) and fewer than
    ``max_active_seeds`` seeds are on trial, graft the best (location, blueprint) pair:
    a DORMANT seed whose chunk shape is known, a blueprint that supports it, fits the
    remaining parameter budget and is not forbidden, maximising
@@ -267,8 +267,9 @@ class HeuristicPolicy:
 
     def _plateau(self, packet: SystemStatePacket) -> tuple[float, int]:
         """(best loss, epochs since improvement) once this packet's loss is counted."""
-        if packet.validation_loss < self.best_validation_loss - self.config.plateau_min_delta:
-            return packet.validation_loss, 0
+        best, loss = self.best_validation_loss, packet.validation_loss
+        if best == math.inf or loss < best - self.config.plateau_min_improvement * abs(best):
+            return loss, 0  # (the first epoch is progress: inf - x * inf would be NaN)
         return self.best_validation_loss, self.epochs_since_improvement + 1
 
     def state_dict(self) -> dict[str, Any]:
