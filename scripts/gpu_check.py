@@ -39,7 +39,7 @@ from tolaria.trainer import NONFINITE_CHECK_INTERVAL, TolariaTrainer
 
 #: A plateau every epoch: Tamiyo grafts at the first boundary; two more epochs train it.
 GROWN_JOB = ["run.epochs=3", "run.progress=false", "run.tensorboard=false",
-             "tamiyo.plateau_min_delta=10.0", "tamiyo.plateau_patience=1"]
+             "tamiyo.plateau_min_improvement=10.0", "tamiyo.plateau_patience=1"]
 
 
 class LoopProbe(Callback):
