@@ -1,12 +1,18 @@
 """The graft catalog: which configured blueprints fit a seed's chunk, what each costs, and
 the :class:`GraftOption` a policy sees for it (cost, penalty, descriptors).
 
+A seed is offered the blueprints configured for its place, the seeded layer it sits on
+(``TamiyoConfig.blueprints_for``): every layer's, or those a ``{glob: [...]}`` mapping gives
+it.  A mapping is checked whole before germination: a blueprint placed where it cannot fit
+is a mistake in the config, not something to skip over at every plateau.
+
 Costs come from each blueprint's closed-form ``param_cost`` and are memoised by (blueprint,
 chunk shape): a controller prices every DORMANT seed at every epoch end.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -21,9 +27,18 @@ from tolaria.tamiyo.policy import GraftOption
 Shape = tuple[int, ...]
 
 
+def place(seed: KasminaSeed) -> str:
+    """The seeded layer ``seed`` sits on (its ``KasminaLayer.module_fqn``)."""
+    return seed.seed_id.rpartition(".")[0]
+
+
+def _shape_text(shape: Shape) -> str:
+    return str(list(shape))
+
+
 class GraftCatalog:
     def __init__(self, config: TamiyoConfig, kasmina_config: KasminaConfig) -> None:
-        unknown = [name for name in config.blueprints if name not in available_blueprints()]
+        unknown = [name for name in config.blueprint_names() if name not in available_blueprints()]
         if unknown:
             raise ConfigError(
                 f"tamiyo.blueprints: unknown blueprint(s) {unknown} "
@@ -65,7 +80,7 @@ class GraftCatalog:
         if seed.state is not SeedState.DORMANT or seed.chunk_shape is None:
             return ()
         options = []
-        for name in self.config.blueprints:
+        for name in self.config.blueprints_for(place(seed)):
             priced = self.price(name, tuple(seed.chunk_shape))
             if priced is not None:
                 options.append(GraftOption(
@@ -79,31 +94,84 @@ class GraftCatalog:
         return tuple(options)
 
     def check(self, seeds: Iterable[KasminaSeed]) -> None:
-        """Build every configured blueprint once on every chunk shape the seeds have (after
-        a forward pass taught them), so that a graft that can never happen is refused now,
-        in one line, rather than found at the first plateau -- or never.
+        """Build every blueprint offered to a seed once on each chunk shape it is offered on
+        (after a forward pass taught the seeds their chunks), so that a graft that can never
+        happen is refused now, in one line, rather than found at the first plateau -- or never.
 
-        ``ConfigError`` if ``blueprint_kwargs`` break a blueprint on a chunk it supports,
-        or if no configured blueprint fits any seed.  The global RNG is left untouched.
+        ``ConfigError`` if a ``blueprints`` mapping misplaces anything (:meth:`_check_places`),
+        if ``blueprint_kwargs`` break a blueprint on a chunk it supports, or if no configured
+        blueprint fits any seed.  The global RNG is left untouched.
         """
-        by_shape = {tuple(s.chunk_shape): s for s in seeds if s.chunk_shape}
-        if not by_shape:
+        seeds = list(seeds)
+        known = [seed for seed in seeds if seed.chunk_shape]
+        if not known:
             return
-        fits = 0
-        for name in self.config.blueprints:
-            for shape, seed in by_shape.items():
-                if self.price(name, shape) is None:
-                    continue  # this blueprint does not support this chunk: fine elsewhere
-                try:
-                    with torch.random.fork_rng(devices=[]):
-                        seed.build_blueprint(name, self._kwargs(name))
-                except BlueprintError as exc:
-                    raise ConfigError(f"tamiyo.blueprint_kwargs.{name}: {exc}") from None
-                fits += 1
-        if not fits:
+        if isinstance(self.config.blueprints, dict):
+            self._check_places(seeds)
+        # (blueprint, chunk shape) it fits and is offered on -> a seed to build it on.
+        offered: dict[tuple[str, Shape], KasminaSeed] = {}
+        for seed in known:
+            shape = tuple(seed.chunk_shape)
+            for name in self.config.blueprints_for(place(seed)):
+                if self.price(name, shape) is not None:  # a list's misfits are fine elsewhere
+                    offered.setdefault((name, shape), seed)
+        for (name, _), seed in offered.items():
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    seed.build_blueprint(name, self._kwargs(name))
+            except BlueprintError as exc:
+                raise ConfigError(f"tamiyo.blueprint_kwargs.{name}: {exc}") from None
+        if not offered:
+            shapes = sorted({tuple(seed.chunk_shape) for seed in known})
             raise ConfigError(
                 f"tamiyo.blueprints={self.config.blueprints}: none fits any seed's chunk "
-                f"(chunk shapes {sorted(by_shape)} at kasmina.layers="
+                f"(chunk shapes {shapes} at kasmina.layers="
                 f"{self.kasmina_config.layers}); choose blueprints for these layers "
                 f"(available: {available_blueprints()})"
             )
+
+    def _check_places(self, seeds: list[KasminaSeed]) -> None:
+        """A ``{glob: [blueprint, ...]}`` mapping must place every seeded layer, every glob
+        must place one, and every blueprint must fit each chunk of the layers it is placed on
+        (the chunks known: a seed no forward pass reached has none yet)."""
+        mapping: dict[str, list[str]] = self.config.blueprints
+        shapes: dict[str, list[Shape]] = {}  # seeded layer -> its known chunk shapes
+        for seed in seeds:
+            layer_shapes = shapes.setdefault(place(seed), [])
+            if seed.chunk_shape and tuple(seed.chunk_shape) not in layer_shapes:
+                layer_shapes.append(tuple(seed.chunk_shape))
+        placed_by: dict[str, str] = {}  # seeded layer -> the glob that places it
+        for layer, layer_shapes in shapes.items():
+            glob = self.config.blueprint_glob(layer)
+            if glob is None:
+                fit = (f"; blueprints that fit its chunk {_shape_text(layer_shapes[0])}: "
+                       f"{self._fitting(layer_shapes[0])}" if layer_shapes else "")
+                raise ConfigError(
+                    f"tamiyo.blueprints: seeded layer {layer!r} matches no glob of "
+                    f"{list(mapping)}{fit}"
+                )
+            placed_by[layer] = glob
+            for name in mapping[glob]:
+                for shape in layer_shapes:
+                    if self.price(name, shape) is None:
+                        raise ConfigError(
+                            f"tamiyo.blueprints[{glob!r}]: {name} does not fit seeded layer "
+                            f"{layer!r} (chunk {_shape_text(shape)}; {name} takes "
+                            f"{get_blueprint(name).supports_text}); blueprints that fit "
+                            f"there: {self._fitting(shape)}"
+                        )
+        for glob in mapping:
+            if glob in placed_by.values():
+                continue
+            taken = {fqn: by for fqn, by in placed_by.items() if fnmatch.fnmatchcase(fqn, glob)}
+            why = (
+                f"each layer it matches is placed by an earlier glob: {taken}" if taken
+                else f"seeded layers {list(shapes)}, kasmina.layers={self.kasmina_config.layers}"
+            )
+            raise ConfigError(f"tamiyo.blueprints: glob {glob!r} places no seeded layer ({why})")
+
+    @staticmethod
+    def _fitting(shape: Shape) -> str:
+        """The registered blueprints whose ``supports`` accepts a chunk of this shape."""
+        names = [name for name in available_blueprints() if get_blueprint(name).supports(shape)]
+        return ", ".join(names) or "none"
