@@ -282,8 +282,8 @@ class TamiyoConfig(Section):
     #: ``residual_mlp`` takes the seed if the conv is culled.  A list is offered at every
     #: seeded layer; a mapping ``{glob: [blueprint, ...]}`` offers each seeded layer the list
     #: of the first glob (``fnmatch``, as in ``kasmina.layers``) matching its name, e.g.
-    #: ``{flatten: [signal_conv1d, residual_mlp], "hidden.*": [residual_mlp]}``; then every
-    #: glob must place, every seeded layer be placed, and every blueprint fit its layer.
+    #: ``{flatten: [signal_conv1d, residual_mlp], "hidden.*": [residual_mlp]}``; each glob
+    #: must then place a seeded layer, each seeded layer have a glob, each blueprint fit there.
     blueprints: list[str] | dict[str, list[str]] = Field(
         default_factory=lambda: ["signal_conv1d", "residual_mlp"]
     )
