@@ -108,6 +108,23 @@ def test_a_seeded_layer_no_glob_places_is_refused():
         check({"flatten": ["signal_conv1d"]})
 
 
+def test_a_layer_no_forward_pass_reached_is_placed_but_not_yet_judged():
+    torch.manual_seed(0)
+    model = Host()
+    inject_seeds(model, KASMINA)
+    model.hidden[0](model.flatten(torch.randn(4, 6)))  # hidden.1's seed never sees a chunk
+    seeds = find_seeds(model)
+    reached = {"flatten": ["low_rank"], "hidden.0": ["low_rank"]}
+    unjudged = GraftCatalog(TamiyoConfig(blueprints={**reached, "hidden.1": ["conv2d_residual"]}),
+                            KASMINA)
+    unjudged.check(seeds)  # conv2d_residual cannot be judged on a chunk not seen yet
+    with pytest.raises(ConfigError) as caught:
+        GraftCatalog(TamiyoConfig(blueprints=reached), KASMINA).check(seeds)
+    assert str(caught.value) == (
+        "tamiyo.blueprints: seeded layer 'hidden.1' matches no glob of ['flatten', 'hidden.0']"
+    )
+
+
 @pytest.mark.parametrize("blueprints, why", [
     ({"*": ["residual_mlp"], "head": ["low_rank"]},
      "seeded layers ['flatten', 'hidden.0', 'hidden.1'], kasmina.layers=['flatten', 'hidden.*']"),

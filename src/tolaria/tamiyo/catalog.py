@@ -70,6 +70,10 @@ class GraftCatalog:
                 ) from None
         return self._priced[key]
 
+    def price_at(self, name: str, seed: KasminaSeed) -> tuple[int, float] | None:
+        """:meth:`price` of ``name`` on ``seed``'s chunk, which must be known."""
+        return self.price(name, tuple(seed.chunk_shape))
+
     def options(
         self,
         seed: KasminaSeed,
@@ -81,7 +85,7 @@ class GraftCatalog:
             return ()
         options = []
         for name in self.config.blueprints_for(place(seed)):
-            priced = self.price(name, tuple(seed.chunk_shape))
+            priced = self.price_at(name, seed)
             if priced is not None:
                 options.append(GraftOption(
                     blueprint=name,
@@ -111,10 +115,9 @@ class GraftCatalog:
         # (blueprint, chunk shape) it fits and is offered on -> a seed to build it on.
         offered: dict[tuple[str, Shape], KasminaSeed] = {}
         for seed in known:
-            shape = tuple(seed.chunk_shape)
             for name in self.config.blueprints_for(place(seed)):
-                if self.price(name, shape) is not None:  # a list's misfits are fine elsewhere
-                    offered.setdefault((name, shape), seed)
+                if self.price_at(name, seed) is not None:  # a list's misfits: fine elsewhere
+                    offered.setdefault((name, tuple(seed.chunk_shape)), seed)
         for (name, _), seed in offered.items():
             try:
                 with torch.random.fork_rng(devices=[]):
@@ -135,43 +138,44 @@ class GraftCatalog:
         must place one, and every blueprint must fit each chunk of the layers it is placed on
         (the chunks known: a seed no forward pass reached has none yet)."""
         mapping: dict[str, list[str]] = self.config.blueprints
-        shapes: dict[str, list[Shape]] = {}  # seeded layer -> its known chunk shapes
+        layers: dict[str, list[KasminaSeed]] = {}  # seeded layer -> its seeds whose chunk is known
         for seed in seeds:
-            layer_shapes = shapes.setdefault(place(seed), [])
-            if seed.chunk_shape and tuple(seed.chunk_shape) not in layer_shapes:
-                layer_shapes.append(tuple(seed.chunk_shape))
+            known = layers.setdefault(place(seed), [])
+            if seed.chunk_shape:
+                known.append(seed)
         placed_by: dict[str, str] = {}  # seeded layer -> the glob that places it
-        for layer, layer_shapes in shapes.items():
+        for layer, known in layers.items():
             glob = self.config.blueprint_glob(layer)
             if glob is None:
-                fit = (f"; blueprints that fit its chunk {_shape_text(layer_shapes[0])}: "
-                       f"{self._fitting(layer_shapes[0])}" if layer_shapes else "")
+                fit = (f"; blueprints that fit its chunk {_shape_text(known[0].chunk_shape)}: "
+                       f"{self._fitting(known[0])}" if known else "")
                 raise ConfigError(
                     f"tamiyo.blueprints: seeded layer {layer!r} matches no glob of "
                     f"{list(mapping)}{fit}"
                 )
             placed_by[layer] = glob
             for name in mapping[glob]:
-                for shape in layer_shapes:
-                    if self.price(name, shape) is None:
-                        raise ConfigError(
-                            f"tamiyo.blueprints[{glob!r}]: {name} does not fit seeded layer "
-                            f"{layer!r} (chunk {_shape_text(shape)}; {name} takes "
-                            f"{get_blueprint(name).supports_text}); blueprints that fit "
-                            f"there: {self._fitting(shape)}"
-                        )
+                misfit = next((seed for seed in known if self.price_at(name, seed) is None), None)
+                if misfit is not None:
+                    raise ConfigError(
+                        f"tamiyo.blueprints[{glob!r}]: {name} does not fit seeded layer "
+                        f"{layer!r} (chunk {_shape_text(misfit.chunk_shape)}; {name} takes "
+                        f"{get_blueprint(name).supports_text}); blueprints that fit "
+                        f"there: {self._fitting(misfit)}"
+                    )
         for glob in mapping:
             if glob in placed_by.values():
                 continue
             taken = {fqn: by for fqn, by in placed_by.items() if fnmatch.fnmatchcase(fqn, glob)}
             why = (
                 f"each layer it matches is placed by an earlier glob: {taken}" if taken
-                else f"seeded layers {list(shapes)}, kasmina.layers={self.kasmina_config.layers}"
+                else f"seeded layers {list(layers)}, kasmina.layers={self.kasmina_config.layers}"
             )
             raise ConfigError(f"tamiyo.blueprints: glob {glob!r} places no seeded layer ({why})")
 
     @staticmethod
-    def _fitting(shape: Shape) -> str:
-        """The registered blueprints whose ``supports`` accepts a chunk of this shape."""
+    def _fitting(seed: KasminaSeed) -> str:
+        """The registered blueprints whose ``supports`` accepts ``seed``'s chunk."""
+        shape = tuple(seed.chunk_shape)
         names = [name for name in available_blueprints() if get_blueprint(name).supports(shape)]
         return ", ".join(names) or "none"
