@@ -10,6 +10,7 @@ the file, never a traceback.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
@@ -283,8 +284,14 @@ class TamiyoConfig(Section):
     #: Seeds grafted at most per epoch (within ``max_active_seeds``).
     max_germinations_per_epoch: int = Field(4, ge=1)
     #: Blueprints the policy may graft, in order of preference: on the default job
-    #: ``residual_mlp`` takes the seed if the conv is culled.
-    blueprints: list[str] = Field(default_factory=lambda: ["signal_conv1d", "residual_mlp"])
+    #: ``residual_mlp`` takes the seed if the conv is culled.  A list is offered at every
+    #: seeded layer; a mapping ``{glob: [blueprint, ...]}`` offers each seeded layer the list
+    #: of the first glob (``fnmatch``, as in ``kasmina.layers``) matching its name, e.g.
+    #: ``{flatten: [signal_conv1d, residual_mlp], "hidden.*": [residual_mlp]}``; each glob
+    #: must then place a seeded layer, each seeded layer have a glob, each blueprint fit there.
+    blueprints: list[str] | dict[str, list[str]] = Field(
+        default_factory=lambda: ["signal_conv1d", "residual_mlp"]
+    )
     #: Arguments per blueprint, e.g. ``{residual_mlp: {hidden: 16}}``.
     blueprint_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Grafted parameters allowed, as a fraction of the host's initial parameters.  On the
@@ -338,6 +345,49 @@ class TamiyoConfig(Section):
     max_repeated_failures: int = Field(3, ge=1)
     #: Epochs after a decision at which its outcome is logged.
     outcome_horizon: int = Field(3, ge=1)
+
+    @field_validator("blueprints", mode="before")
+    @classmethod
+    def _blueprints_shape(cls, value: Any) -> Any:
+        # Said once here: the union's own errors would name each of its two branches.
+        mapping = isinstance(value, dict)
+        lists = list(value.values()) if mapping else [value]
+        well_formed = all(isinstance(glob, str) for glob in value) if mapping else True
+        well_formed &= all(
+            isinstance(names, list | tuple) and all(isinstance(n, str) for n in names)
+            for names in lists
+        )
+        if not well_formed:
+            raise PydanticCustomError(  # the braces as context: the template would eat them
+                "blueprints", "expected a list of blueprint names or a mapping {mapping}",
+                {"mapping": "{layer glob: [blueprint, ...]}"},
+            )
+        if mapping and not all(lists):
+            empty = next(glob for glob, names in value.items() if not names)
+            raise PydanticCustomError(
+                "blueprints", "glob '{glob}' maps to no blueprints", {"glob": empty}
+            )
+        return value
+
+    def blueprint_glob(self, module_fqn: str) -> str | None:
+        """The glob of a ``blueprints`` mapping that places the seeded layer ``module_fqn``:
+        the first that matches it, in mapping order; None if none does or for a list."""
+        if isinstance(self.blueprints, list):
+            return None
+        return next((g for g in self.blueprints if fnmatch.fnmatchcase(module_fqn, g)), None)
+
+    def blueprints_for(self, module_fqn: str) -> list[str]:
+        """The blueprints offered, in preference order, to seeds on the layer ``module_fqn``
+        ([] where a mapping places it nowhere: ``GraftCatalog.check`` refuses that)."""
+        if isinstance(self.blueprints, list):
+            return self.blueprints
+        glob = self.blueprint_glob(module_fqn)
+        return self.blueprints[glob] if glob is not None else []
+
+    def blueprint_names(self) -> list[str]:
+        """Every blueprint named anywhere in ``blueprints``, first mention first."""
+        lists = self.blueprints.values() if isinstance(self.blueprints, dict) else [self.blueprints]
+        return list(dict.fromkeys(name for names in lists for name in names))
 
 
 #: The academy of runs whose ``academy.dir`` is null, when set.

@@ -42,13 +42,17 @@ BLUEPRINT_KINDS = ("mlp", "low_rank", "conv", "gate", "other")
 
 class Blueprint(ABC):
     """A named recipe for a delta module.  Subclasses set ``name`` and implement ``build``;
-    ``kind`` (one of :data:`BLUEPRINT_KINDS`) and ``receptive_field`` describe it."""
+    ``kind`` (one of :data:`BLUEPRINT_KINDS`) and ``receptive_field`` describe it.
+    ``supports`` is the machine check of the chunks it fits, ``supports_text`` the same for
+    a person (misfit errors name it): a subclass that overrides one overrides both."""
 
     name: str = ""
     kind: str = "other"
     #: Whether the delta reads the host module's input rather than the chunk (module
     #: docstring); its methods then take ``(chunk_shape, input_shape, ...)``.
     reads_input: bool = False
+    #: The chunks ``supports`` accepts, in words with their per-sample shape.
+    supports_text: str = "any chunk [C, ...]"
 
     @abstractmethod
     def build(self, chunk_shape: ChunkShape, **kwargs: Any) -> nn.Module:
@@ -191,10 +195,12 @@ class _ConvResidual(Blueprint):
 
 class Conv1dResidual(_ConvResidual):
     name, spatial_dims, conv = "conv1d_residual", 1, nn.Conv1d
+    supports_text = "a 1-D feature map [C, L]"
 
 
 class Conv2dResidual(_ConvResidual):
     name, spatial_dims, conv = "conv2d_residual", 2, nn.Conv2d
+    supports_text = "a 2-D feature map [C, H, W]"
 
 
 class _AsSignal(nn.Module):
@@ -220,6 +226,10 @@ class SignalConv1d(Blueprint):
 
     name = "signal_conv1d"
     kind = "conv"
+    supports_text = (
+        "a flat chunk of ordered features [L] (a signal: an input such as MNIST-1D, "
+        "not hidden units)"
+    )
 
     def receptive_field(self, chunk_shape: ChunkShape, **kwargs: Any) -> float:
         return min(1.0, (2 * kwargs.get("kernel_size", 5) - 1) / chunk_shape[0])
@@ -285,6 +295,8 @@ class Widen(Blueprint):
     name = "widen"
     kind = "mlp"
     reads_input = True
+    supports_text = ("a module whose input has the chunk's layout: flat [F] -> [C], or a "
+                     "feature map [C_in, *S] -> [C, *S] of the same spatial size")
 
     def receptive_field(self, chunk_shape: ChunkShape, input_shape: ChunkShape,
                         **kwargs: Any) -> float:
