@@ -99,7 +99,8 @@ def headline_rows(results: dict[str, Result]) -> list[list[str]]:
                      f"alone {m['floor_s']:.2f} s ({m['floor_cpu_s']:.2f} s CPU)",
                      verdict(m["first_batch_s"], startup["goal_s"])])
     if growth := results.get("growth"):
-        for name, task in growth["tasks"].items():
+        # A result of the MNIST-1D-only study (no "tasks") has no row; its section says so.
+        for name, task in growth.get("tasks", {}).items():
             a, b, c = (task["summary"][k] for k in ("small_static", "best_static", "grown"))
             v = task["verdict"]
             rows.append([f"Growth on {name}: grown (c) vs small static (a) vs best static of "

@@ -187,6 +187,13 @@ def test_growth_verdict_names_the_part_that_misses():
         "**misses goal**: c − a within the std; c < b")
 
 
+def test_report_of_an_old_growth_result_asks_for_a_rerun_instead_of_failing():
+    old = {"epochs": 100, "seeds": [0], "summary": {}, "reference_accuracy": {}}
+    text = report.render({"growth": old}, None)
+    assert "_`results/growth.json` lacks 'widths'" in text
+    assert "Growth on" not in text  # no headline row from a result without tasks
+
+
 def test_growth_study_refuses_a_non_positive_size_in_one_usage_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench_growth.main(["--epochs", "0"])
