@@ -52,7 +52,8 @@ QUICK_ARGS = {
     "epoch_boundary": ["--epochs", "3", "--hosts", "16"],
     "distributed": ["--rounds", "1", "--epochs", "2", "--samples", "512", "--hidden", "16",
                     "--rewrap-rounds", "1"],
-    "growth": ["--epochs", "2", "--seeds", "2"],
+    "growth": ["--epochs", "2", "--seeds", "2", "--widths", "1.5", "--tasks", "mnist1d-hidden",
+               "digits-cnn"],
     "academy": ["--epochs", "2", "--seeds", "1"],
     "dashboard": ["--runs", "3", "--events", "200", "--rounds", "2"],
 }

@@ -114,19 +114,91 @@ def test_epoch_boundary_reports_every_part(mnist1d_cache, capsys):
     assert result["design_budget_ms"] == 18.0
 
 
-def test_growth_study_runs_all_five_contenders_and_plots(mnist1d_cache, capsys, results_dir):
+def test_growth_study_runs_every_contender_on_each_task_and_plots(mnist1d_cache, capsys,
+                                                                   results_dir):
     result = run_quick(bench_growth, "growth", capsys)
-    contenders = {"small_static", "large_mlp", "cnn1d", "grown", "grown_retrained"}
-    assert set(result["summary"]) == contenders
-    assert result["seeds"] == [0, 1]
-    for row in result["summary"].values():
-        assert 0.0 <= row["test_accuracy_mean"] <= 1.0
-        assert row["params_mean"] > 0
-    for runs in result["runs"].values():
-        assert set(runs) == contenders
-        assert runs["grown_retrained"]["seed_transitions"] == 0
-        assert runs["large_mlp"]["params"] > runs["small_static"]["params"]
+    assert set(result["tasks"]) == {"mnist1d-hidden", "digits-cnn"}
+    assert result["seeds"] == [0, 1] and result["widths"] == [1.5]
+    for task in result["tasks"].values():
+        assert set(task["summary"]) == {"small_static", "best_static", "grown",
+                                        "grown_retrained"}
+        for row in task["summary"].values():
+            assert 0.0 <= row["test_accuracy_mean"] <= 1.0
+        (point,) = task["sweep"]
+        assert task["best_static"]["width"] == point["width"] == 1.5
+        verdict = task["verdict"]
+        assert verdict["sweep_compute_s"] == pytest.approx(point["wall_time_s_mean"])
+        assert verdict["c_beats_a"] == (verdict["c_minus_a"] > verdict["c_std"])
+        for runs in task["runs"].values():
+            assert set(runs) == {"small_static", "static_x1.5", "grown", "grown_retrained"}
+            assert runs["grown_retrained"]["seed_transitions"] == 0
+            assert runs["grown_retrained"]["params"] == runs["grown"]["params"]
+            assert runs["static_x1.5"]["params"] > runs["small_static"]["params"]
+    section = "\n".join(report.section_growth(result))
+    assert "### digits-cnn" in section and "static ×1.5 = (b)" in section
     assert (results_dir / result["plot"]).stat().st_size > 0
+
+
+def sweep_point(width: float, params: float, val: float) -> dict:
+    return {"width": width, "name": bench_growth.sweep_name(width), "params_mean": params,
+            "val_accuracy_mean": val, "test_accuracy_mean": 0.5, "test_accuracy_std": 0.0,
+            "wall_time_s_mean": 1.0}
+
+
+def test_best_static_is_the_best_validation_among_hosts_no_larger_than_the_grown_one():
+    sweep = [sweep_point(1.25, 3_000, 0.60), sweep_point(1.5, 4_000, 0.70),
+             sweep_point(2.0, 5_000, 0.65), sweep_point(3.0, 9_000, 0.90)]
+    # 5,200 x 1.05 admits the first three; the widest is better but too large.
+    assert bench_growth.best_static(sweep, 5_200)["width"] == 1.5
+    assert bench_growth.best_static(sweep, 20_000)["width"] == 3.0
+    fallback = bench_growth.best_static(sweep, 1_000)
+    assert fallback["width"] == 1.25 and fallback["rule"].startswith("narrowest")
+
+
+def test_width_axis_rounds_half_up_and_never_below_one():
+    assert bench_growth.widened("model.kwargs.channels", (4, 8))(1.125) == [
+        "model.kwargs.channels=[5, 9]"]
+    assert bench_growth.TASKS["mnist1d-hidden"].width(0.01) == ["model.kwargs.hidden=[1, 1]"]
+
+
+def test_growth_activity_counts_grafts_by_place_and_culls_for_size():
+    def move(to: str, reason: str, blueprint: str = "residual_mlp") -> dict:
+        return {"epoch": 1, "from_state": "dormant", "to_state": to, "reason": reason,
+                "blueprint": blueprint}
+
+    structure = {"version": 1, "seeds": [
+        {"seed_id": "hidden.0.0", "history": [
+            move("germinated", "plateau"), move("training", "grafted"),
+            move("culled", "delta grew to 3.1x (tamiyo.max_delta_ratio=2.0)"),
+            move("germinated", "plateau", "low_rank"), move("culled", "gain -0.01 acc")]},
+        {"seed_id": "flatten.0", "history": [move("germinated", "plateau")]},
+    ]}
+    assert bench_growth.activity(structure) == {
+        "grafts_by_place": {"low_rank@hidden.0": 1, "residual_mlp@flatten": 1,
+                            "residual_mlp@hidden.0": 1},
+        "culls": 2, "size_culls": 1}
+
+
+def test_growth_verdict_names_the_part_that_misses():
+    met = {"c_beats_a": True, "c_minus_b": 0.4}
+    assert report.growth_verdict(met) == "meets goal"
+    assert report.growth_verdict(met | {"c_minus_b": -1.0}) == "**misses goal**: c < b"
+    assert report.growth_verdict({"c_beats_a": False, "c_minus_b": -1.0}) == (
+        "**misses goal**: c − a within the std; c < b")
+
+
+def test_report_of_an_old_growth_result_asks_for_a_rerun_instead_of_failing():
+    old = {"epochs": 100, "seeds": [0], "summary": {}, "reference_accuracy": {}}
+    text = report.render({"growth": old}, None)
+    assert "_`results/growth.json` lacks 'widths'" in text
+    assert "Growth on" not in text  # no headline row from a result without tasks
+
+
+def test_growth_study_refuses_a_non_positive_size_in_one_usage_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_growth.main(["--epochs", "0"])
+    assert exit_.value.code == 2
+    assert "--epochs: expected a positive int, got '0'" in capsys.readouterr().err
 
 
 def test_retrained_structure_keeps_exactly_the_grown_blueprints():
