@@ -83,16 +83,14 @@ MLP_WIDTH = widened("model.kwargs.hidden", (32, 32))
 TASKS: dict[str, Task] = {
     "mnist1d-hidden": Task(
         "MNIST-1D, mlp [32, 32], seeds on the hidden layers",
-        # Flat hidden units have no order a signal_conv1d could exploit.
-        ('kasmina.layers=["hidden.*"]', "tamiyo.blueprints=[residual_mlp, low_rank]"),
+        ('kasmina.layers=["hidden.*"]',),
         MLP_WIDTH,
     ),
     "mnist1d-default": Task("MNIST-1D, the default job", (), MLP_WIDTH),
     "digits-cnn": Task(
         "digits 8x8, cnn2d [4, 8], seeds on the conv blocks",
         ("data.dataset=digits", "model.host=cnn2d", "model.kwargs={channels: [4, 8]}",
-         'kasmina.layers=["hidden.*"]',
-         "tamiyo.blueprints=[conv2d_residual, se_gate, residual_mlp]"),
+         'kasmina.layers=["hidden.*"]'),
         widened("model.kwargs.channels", (4, 8)),
     ),
 }

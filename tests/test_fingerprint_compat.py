@@ -30,3 +30,11 @@ def test_an_old_run_directorys_amp_false_loads_and_amp_true_names_its_replacemen
     assert load_config(None, ["run.amp=false"]).run.precision == "fp32"
     with pytest.raises(ConfigError, match=r"replaced by run\.precision"):
         load_config(None, ["run.amp=true"])
+
+
+def test_an_old_run_directorys_default_plateau_loads_and_another_names_its_replacement():
+    assert load_config(None, ["tamiyo.plateau_min_delta=0.05"]).tamiyo.plateau_min_improvement \
+        == 0.05
+    with pytest.raises(ConfigError, match=r"replaced by tamiyo\.plateau_min_improvement \(a "
+                                          r"fraction of the best validation loss"):
+        load_config(None, ["tamiyo.plateau_min_delta=0.2"])

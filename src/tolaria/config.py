@@ -283,14 +283,17 @@ class TamiyoConfig(Section):
     min_epochs_before_growth: int = Field(0, ge=0)
     #: Seeds grafted at most per epoch (within ``max_active_seeds``).
     max_germinations_per_epoch: int = Field(4, ge=1)
-    #: Blueprints the policy may graft, in order of preference: on the default job
-    #: ``residual_mlp`` takes the seed if the conv is culled.  A list is offered at every
+    #: Blueprints the policy may graft, in order of preference.  A list is offered at every
     #: seeded layer; a mapping ``{glob: [blueprint, ...]}`` offers each seeded layer the list
-    #: of the first glob (``fnmatch``, as in ``kasmina.layers``) matching its name, e.g.
-    #: ``{flatten: [signal_conv1d, residual_mlp], "hidden.*": [residual_mlp]}``; each glob
-    #: must then place a seeded layer, each seeded layer have a glob, each blueprint fit there.
+    #: of the first glob (``fnmatch``, as in ``kasmina.layers``) matching its name; each
+    #: seeded layer must then have a glob, and each blueprint fit where it is placed.  The
+    #: default: shift-equivariant filters on a flat input read as a signal (MNIST-1D), new
+    #: units (``widen``) everywhere else, ``residual_mlp`` if those are culled.
     blueprints: list[str] | dict[str, list[str]] = Field(
-        default_factory=lambda: ["signal_conv1d", "residual_mlp"]
+        default_factory=lambda: {
+            "flatten": ["signal_conv1d", "residual_mlp"],
+            "*": ["widen", "residual_mlp"],
+        }
     )
     #: Arguments per blueprint, e.g. ``{residual_mlp: {hidden: 16}}``.
     blueprint_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -345,6 +348,15 @@ class TamiyoConfig(Section):
     max_repeated_failures: int = Field(3, ge=1)
     #: Epochs after a decision at which its outcome is logged.
     outcome_horizon: int = Field(3, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_plateau_default(cls, value: Any) -> Any:
+        # Run directories written before the relative plateau carry the old default (0.05 of
+        # absolute loss): it loads as the new default; another value names its replacement.
+        if isinstance(value, dict) and value.get("plateau_min_delta") == 0.05:
+            return {k: v for k, v in value.items() if k != "plateau_min_delta"}
+        return value
 
     @field_validator("blueprints", mode="before")
     @classmethod
@@ -727,6 +739,8 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 #: Keys an earlier release took, and what took their place: an old config names its fix.
 REPLACED_KEYS = {
     "run.amp": "run.precision (amp: true was bf16 autocast on CUDA: precision: bf16)",
+    "tamiyo.plateau_min_delta": "tamiyo.plateau_min_improvement (a fraction of the best "
+                                "validation loss, no longer an absolute loss)",
 }
 
 

@@ -288,7 +288,7 @@ class Widen(Blueprint):
     On a flat module (``x: [F]``, chunk ``[C]``) ``W1`` is ``Linear(F, H)`` and ``W2``
     ``Linear(H, C)``; on a feature map (``x: [C_in, *S]``, chunk ``[C, *S]``, the same
     spatial size) ``W1`` is a ``kernel_size`` convolution (padding ``k // 2``) and ``W2`` a
-    1x1 one.  ``hidden`` defaults to ``ratio`` x the chunk's channels.  Cost
+    1x1 one.  ``hidden`` defaults to ``ratio`` (2) x the chunk's channels.  Cost
     ``F*H*k^n + H + H*C + C`` (``k^n = 1`` when flat).
     """
 
@@ -311,7 +311,7 @@ class Widen(Blueprint):
         chunk_shape: ChunkShape,
         input_shape: ChunkShape,
         hidden: int | None = None,
-        ratio: float = 1.0,
+        ratio: float = 2.0,
         kernel_size: int = 3,
     ) -> nn.Module:
         c, f, h = chunk_shape[0], input_shape[0], _width(chunk_shape, hidden, ratio)
@@ -328,7 +328,7 @@ class Widen(Blueprint):
         chunk_shape: ChunkShape,
         input_shape: ChunkShape,
         hidden: int | None = None,
-        ratio: float = 1.0,
+        ratio: float = 2.0,
         kernel_size: int = 3,
     ) -> int:
         c, f, h = chunk_shape[0], input_shape[0], _width(chunk_shape, hidden, ratio)
