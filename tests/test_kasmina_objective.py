@@ -154,3 +154,26 @@ def test_widen_refuses_a_module_that_changes_the_spatial_size():
         seed.germinate("widen", epoch=0)
     assert seed.state is SeedState.DORMANT
     copy.deepcopy(host)(torch.randn(2, 1, 6, 6))  # the stash hook survives a deepcopy
+
+
+def test_the_pull_comes_from_the_last_epochs_telemetry(free_delta):
+    """After an epoch the layer's flush sets ``pull = rms(g) / (ratio * rms(h))`` of the
+    chunk's measured batches, and TRAINING then uses that constant, not the batch's own."""
+    plain, model, x, seeds = grown_pair("mlp", target_delta_ratio=0.25, telemetry_interval=1)
+    seed = seeds[0]
+    h, g = _chunk_and_gradient(plain, x, seed.chunk_shape[0])
+    seed.layer.flush_telemetry(epoch=-1)  # forget grown_pair's binding forward
+    _loss(model(x)).backward()  # one measured training batch: the epoch
+    seed.layer.flush_telemetry(epoch=0)
+    expected = (g.square().sum() / h.square().sum()).sqrt().item() / 0.25
+    assert seed.pull == pytest.approx(expected, rel=1e-5)
+
+    seed.germinate(FreeDelta.name, epoch=0)
+    seed.transition(SeedState.TRAINING, epoch=0, reason="test")
+    value = seed.blueprint.value
+    with torch.no_grad():
+        value.normal_()
+    model.zero_grad()
+    _loss(model(x)).backward()
+    torch.testing.assert_close(value.grad, g + value.detach() * seed.pull)
+    assert export_structure(model)["seeds"][0]["pull"] == seed.pull  # resumes with it

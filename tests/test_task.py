@@ -236,6 +236,7 @@ def test_a_regression_run_grows_and_its_summary_reports_r2_and_mse(tmp_path):
         "model.kwargs={hidden: [8, 8]}", 'kasmina.layers=["hidden.*"]', "kasmina.blend_epochs=1",
         "optimizer.seed_lr_multiplier=1.0", "tamiyo.blueprints=[residual_mlp]",
         "tamiyo.plateau_min_improvement=10", "tamiyo.min_training_epochs=1",
+        "checkpoint.test_of=last",  # the summary then describes the final model, checked below
     )
     trainer = build_trainer(config, run_dir=tmp_path / "run")
     summary = trainer.train()
@@ -289,7 +290,7 @@ def test_the_regression_example_trains_end_to_end_and_grows(tmp_path):
     run = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "tolaria.cli", "train", "--config", str(EXAMPLE),
-         "--run-dir", str(run), "--set", "run.epochs=12", "--set", "run.progress=false",
+         "--run-dir", str(run), "--set", "run.progress=false",
          "--set", f"data.cache_dir={tmp_path / 'cache'}"],
         capture_output=True, text=True, timeout=600,
     )

@@ -230,8 +230,9 @@ class KasminaConfig(Section):
     #: Host modules whose output gets seeds, by fully qualified name or glob (``fnmatch``).
     #: MNIST-1D samples are 40-step signals: a seed on the flattened input can graft
     #: shift-equivariant filters (``signal_conv1d``), which a dense host cannot learn from
-    #: 3,200 examples.  Seeds on ``hidden.*`` add only a residual on a 32-wide layer, which
-    #: cannot widen it (+3 points at best).  The CNN hosts have no ``flatten`` module: give
+    #: 3,200 examples.  ``["flatten", "hidden.*"]`` grows the hidden layers too (``widen``:
+    #: +5 points with seeds on ``hidden.*`` alone) but did not beat the input alone on the
+    #: default job (docs/growth-sweep.md).  The CNN hosts have no ``flatten`` module: give
     #: them ``["hidden.*"]``, which every built-in host has.
     layers: list[str] = Field(default_factory=lambda: ["flatten"])
     #: Each instrumented output is split into this many chunks along dim 1, one seed each;
@@ -262,8 +263,10 @@ class TamiyoConfig(Section):
     """The heuristic policy's knobs.  The growth and trial thresholds were tuned on the
     MNIST-1D MLP with seeds on ``hidden.*`` (30 epochs): grow as soon as learning slows, many
     seeds at once, short trials -- a seed grafted late has too few epochs left to pay for
-    itself.  The blueprints, the parameter budget and ``max_delta_ratio`` were set later, for
-    the default job's seed on ``flatten`` (docs/growth-sweep.md)."""
+    itself.  Every threshold is relative to the run's own scale (the plateau to its best
+    loss, the budget to its host, the gains to its validation measures), and the defaults
+    were checked on three tasks: MNIST-1D with seeds on the input or the hidden layers, and
+    digits with a CNN host (``benchmarks/bench_growth``, docs/growth-sweep.md)."""
 
     #: ``heuristic``, ``learned`` (the academy's network: ACADEMY.md §1) or ``module:Class``.
     policy: str = "heuristic"
@@ -299,7 +302,7 @@ class TamiyoConfig(Section):
     blueprint_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Grafted parameters allowed, as a fraction of the host's initial parameters.  On the
     #: default host (2,698) 4.0 leaves room for the conv (353) and a residual_mlp fallback
-    #: (6,520).
+    #: (6,520), or for ``widen`` on both hidden layers (8,896).
     param_budget_fraction: float = Field(4.0, gt=0.0)
     #: Seeds on trial (germinated to probationary) at any one time.
     max_active_seeds: int = Field(8, ge=1)

@@ -75,6 +75,9 @@ class KasminaLayer(nn.Module):
         self._scratch = torch.empty(0)
         self._samples = 0
         self._positions = 0
+        #: Processes whose slices make each batch (``add_up_telemetry``): a rank's loss, the
+        #: mean over its slice, weighs each sample this many times the whole batch's.
+        self._replicas = 1
         self._grad_batches = 0
         self._batches = 0
 
@@ -115,6 +118,7 @@ class KasminaLayer(nn.Module):
         layer_rms = math.sqrt(sum(rows[_SUM_SQ]) / elements) if elements else 0.0
         records = []
         for i, seed in enumerate(self.seeds):
+            self._set_pull(seed, rows[_SUM_SQ][i], grad_sq[i])
             n = self._positions * self._widths[i]
             mean = rows[_SUM][i] / n if n else 0.0
             var = max(rows[_SUM_SQ][i] / n - mean * mean, 0.0) if n else 0.0
@@ -136,6 +140,13 @@ class KasminaLayer(nn.Module):
         self._reset_telemetry(self._activation_sums.device)
         return records
 
+    def _set_pull(self, seed: KasminaSeed, h_sq: float, g_sq: float) -> None:
+        """``seed.pull = rms(g) / (ratio * rms(h))`` of its chunk over this epoch's sampled
+        batches (both RMS over the same elements: the counts cancel), in the loss scale of
+        this process (``_replicas`` times the single process's under DDP)."""
+        if self._grad_batches and h_sq > 0:
+            seed.pull = self._replicas * math.sqrt(g_sq / h_sq) / seed.target_delta_ratio
+
     def add_up_telemetry(
         self, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor], replicas: int
     ) -> None:
@@ -150,6 +161,7 @@ class KasminaLayer(nn.Module):
         """
         if not self.telemetry or self.channels is None:
             return
+        self._replicas = replicas
         device = self._activation_sums.device
         held = [seed._delta_energy for seed in self.seeds]
         energies = [torch.zeros(2, dtype=torch.float64, device=device) if e is None else e

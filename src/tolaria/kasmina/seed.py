@@ -18,10 +18,14 @@ loss gradient at its chunk, ``d`` minimises
 
 the step of functional gradient descent on the loss that ``d`` would take if added, with
 a finite optimum.  (Without the quadratic term ``d`` follows ``-g`` without bound: grafts
-measured 2.6-50x their layer's RMS, and blended in they wrecked the host.)  ``c`` is
-chosen per batch so that ``rms(d*) = kasmina.target_delta_ratio * rms(h)``, i.e.
-``c = ratio * rms(h) / rms(g)``: a correction at the chunk's own scale, whatever the scale
-of the loss or the learning rate.  At ``d = 0`` the seed's gradient is ``g``, as before.
+measured 2.6-50x their layer's RMS, and blended in they wrecked the host.)  ``c`` makes
+``rms(d*) = kasmina.target_delta_ratio * rms(h)``, i.e. ``c = ratio * rms(h) / rms(g)``: a
+correction at the chunk's own scale, whatever the scale of the loss or the learning rate.
+``rms(h)`` and ``rms(g)`` are the chunk's telemetry of the epoch before (``pull = 1 / c``,
+set by the layer's flush): a constant within the epoch, so the seed's gradient is linear in
+``g`` and the same sum over any split of the batch -- several ranks train it exactly as one
+process does.  Without telemetry the current batch measures them.  At ``d = 0`` the seed's
+gradient is ``g``.
 A custom autograd function gives it (not ``h + (d - d.detach())``, which evaluates to NaN
 wherever ``d`` overflows, letting a seed on trial poison the host).  Until FOSSILIZED the
 seed's input is detached, so a seed on trial never changes the host's gradients through
@@ -57,22 +61,28 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 class _FunctionalGradient(torch.autograd.Function):
     """Forward: the host chunk ``h`` exactly.  Backward: ``h``'s gradient ``g`` goes to ``h``
-    unchanged; ``d`` receives ``g + d / c`` with ``c = ratio * rms(h) / rms(g)``: the gradient
-    of ``<g, d> + ||d||^2 / (2c)``, whose minimiser is ``d* = -c g`` (see ``KasminaSeed``)."""
+    unchanged; ``d`` receives ``g + pull * d`` with ``pull = 1 / c``: the gradient of
+    ``<g, d> + ||d||^2 / (2c)``, whose minimiser is ``d* = -c g`` (see ``KasminaSeed``).
+    ``pull`` None: measured on this batch, ``rms(g) / (ratio * rms(h))``."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, d: torch.Tensor, ratio: float) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, d: torch.Tensor, pull: float | None,
+                ratio: float) -> torch.Tensor:
         ctx.save_for_backward(d)
-        ctx.pull_scale = ratio * _rms(h)  # c * rms(g)
+        ctx.pull = pull
+        ctx.scale = ratio * _rms(h) if pull is None else None  # c * rms(g)
         return h.view_as(h)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         (d,) = ctx.saved_tensors
-        scale = ctx.pull_scale
-        # A chunk of zeros gives no scale: no pull.  torch.where, not an if: no host sync.
-        pull = torch.where(scale > 0, _rms(grad) / scale, torch.zeros_like(scale))
-        return grad, grad.to(d.dtype) + d.detach() * pull.to(d.dtype), None
+        pull = ctx.pull
+        if pull is None:
+            # A chunk of zeros gives no scale: no pull.  torch.where, not an if: no host sync.
+            scale = ctx.scale
+            pull = torch.where(scale > 0, _rms(grad) / scale, torch.zeros_like(scale))
+            pull = pull.to(d.dtype)
+        return grad, grad.to(d.dtype) + d.detach() * pull, None, None
 
 
 def blend_alpha(progress: float, schedule: str) -> float:
@@ -95,6 +105,8 @@ class KasminaSeed(nn.Module):
         self.blend_schedule = config.blend_schedule
         self.embargo_epochs = config.embargo_epochs
         self.target_delta_ratio = config.target_delta_ratio
+        #: ``1 / c`` of the TRAINING objective, from the last epoch's telemetry (None: none).
+        self.pull: float | None = None
         self.state = SeedState.DORMANT
         self.alpha = 0.0
         self.register_module("blueprint", None)
@@ -172,7 +184,7 @@ class KasminaSeed(nn.Module):
         if state is SeedState.TRAINING:
             if self.training:
                 self._watch_size(d)
-            return _FunctionalGradient.apply(h, d, self.target_delta_ratio)
+            return _FunctionalGradient.apply(h, d, self.pull, self.target_delta_ratio)
         if state is SeedState.BLENDING:
             return h + self.alpha * d
         return h + d  # PROBATIONARY
@@ -250,6 +262,7 @@ class KasminaSeed(nn.Module):
         self.blueprint_kwargs = dict(record["blueprint_kwargs"])
         self.reads_input = blueprint is not None and get_blueprint(self.blueprint_name).reads_input
         self.epochs_in_state = int(record["epochs_in_state"])
+        self.pull = record.get("pull")  # absent: a manifest from before the TRAINING target
         self.clock = int(record["clock"])
         self.history = [TransitionRecord.from_dict(r) for r in record["history"]]
 

@@ -38,6 +38,7 @@ def export_structure(model: nn.Module) -> dict[str, Any]:
                 "chunk_shape": None if seed.chunk_shape is None else list(seed.chunk_shape),
                 "input_shape": None if seed.input_shape is None else list(seed.input_shape),
                 "epochs_in_state": seed.epochs_in_state,
+                "pull": seed.pull,
                 "clock": seed.clock,
                 "history": [record.to_dict() for record in seed.history],
             }
