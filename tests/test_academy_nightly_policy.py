@@ -227,6 +227,8 @@ HISTORY_TASKS = (
 #: The workload: a family the v0 campaign never saw.
 WORKLOAD = CampaignTask("rings", (SYNTHETIC, "data.kwargs={family: rings, size: 8, n: 600}",
                                   "model.kwargs={hidden: [16, 16]}"))
+#: An EWC weight whose effect on this tiny replay is far above the noise.
+EWC_THAT_SHOWS = 100.0
 #: The gates' tiny settings: the history gate continues each task's snapshot for 4 epochs.
 SETTINGS = NightlyConfig(history_epochs=4)
 
@@ -267,14 +269,23 @@ def replay(tmp_path_factory):
     return {"root": root, "points": split, **files}
 
 
+#: The blueprint a corrupted reward favours (``_corrupted(..., "favour")``).
+FAVOURED = "residual_mlp"
+
+
 def _corrupted(replay, how: str) -> Path:
-    """The recent points with rewards corrupted: ``plus1`` rewards every graft +1,
-    ``flip`` negates every reward (what paid now costs)."""
+    """The recent points with rewards corrupted: ``favour`` pays 1 for grafting
+    ``FAVOURED`` and 0 for anything else, ``flip`` negates every reward (what paid now
+    costs)."""
     points = json.loads(replay["recent"].read_text())
     for point in points:
-        if point["reward"] is not None:
-            point["reward"] = (1.0 if point["chosen"] else 0.0) if how == "plus1" \
-                else -point["reward"]
+        if point["reward"] is None:
+            continue
+        if how == "favour":
+            chosen = point["candidates"][point["chosen"] - 1] if point["chosen"] else None
+            point["reward"] = float(chosen is not None and chosen["blueprint"] == FAVOURED)
+        else:
+            point["reward"] = -point["reward"]
     path = replay["root"] / "data" / f"recent-{how}.json"
     path.write_text(json.dumps(points))
     return path
@@ -328,25 +339,29 @@ def test_an_adapter_on_the_workloads_own_replay_passes_every_gate(own_night, rep
 def test_an_adapter_trained_on_corrupted_rewards_is_rejected_by_the_diversity_gate(
     replay, tmp_path
 ):
-    """Every graft rewarded +1: the adapter learns never to wait, and grafts mostly one
-    blueprint (measured: residual_mlp 0.79, signal_conv1d 0.21, wait 1e-18)."""
-    _, validated = _night(replay, tmp_path, recent=_corrupted(replay, "plus1"))
+    """A reward that pays for one blueprint only: the adapter collapses onto it
+    (measured: residual_mlp 1.0, diversity 2e-8), which the history and stability gates
+    cannot see (1.0 and 1.0) and the diversity gate refuses.  (Rewarding every graft +1 no
+    longer fails a gate: with seeds that cannot wreck their host, grafting everywhere
+    scored 1.0 on history, and it spreads over blueprints: diversity 0.68.)"""
+    _, validated = _night(replay, tmp_path, recent=_corrupted(replay, "favour"))
     assert validated["failed_gate"] == "diversity_score", _gate_values(validated)
     marginal = gates.marginal_actions(load_scorer(tmp_path / "candidate"),
                                       replay["points"]["held_out"], TEMPERATURE)
-    assert marginal["wait"] < 0.01 and max(marginal.values()) > 0.7, marginal
+    assert marginal[FAVOURED] > 0.99, marginal
 
 
 @pytest.mark.slow
 def test_ewc_limits_forgetting_of_the_historical_tasks(replay, tmp_path):
     """A replay that pulls away from the history (what paid there costs now: every reward
     negated), with and without the penalty: the penalty keeps the policy's choices on the
-    historical points nearer the champion's (measured: mean TV 0.89 without, 0.61 with)
-    and its history score no lower (0.984 without, 1.0 with)."""
+    historical points nearer the champion's (measured at weight 100: mean TV 0.93 without,
+    0.53 with) and its history score no lower (1.0 and 1.0).  At the default weight (10)
+    the difference on this replay is within 0.01 (docs/academy.md, "Nightly learning")."""
     recent = _corrupted(replay, "flip")
     history, v0 = replay["points"]["history"], v0_scorer()
     measured = {}
-    for ewc in (0.0, NightlyConfig().ewc):
+    for ewc in (0.0, EWC_THAT_SHOWS):
         _, validated = _night(replay, tmp_path / f"ewc-{ewc}", recent=recent, ewc=ewc)
         candidate = load_scorer(tmp_path / f"ewc-{ewc}" / "candidate")
         measured[ewc] = {
@@ -354,7 +369,7 @@ def test_ewc_limits_forgetting_of_the_historical_tasks(replay, tmp_path):
             "divergence_on_history": gates.validation_divergence(candidate, v0, history,
                                                                  TEMPERATURE),
         }
-    free, held = measured[0.0], measured[NightlyConfig().ewc]
+    free, held = measured[0.0], measured[EWC_THAT_SHOWS]
     assert held["divergence_on_history"] < free["divergence_on_history"] - 0.2, measured
     assert held["history_score"] >= free["history_score"], measured
 

@@ -67,8 +67,9 @@ def test_every_epoch_with_room_to_grow_is_one_point_and_grafts_get_one_outcome(
     tiny_config, tiny_data
 ):
     tiny_config.run.epochs = 12
-    # The blobs' loss still falls by more than the default 5% a epoch: grow at 1% or less.
-    tiny_config.tamiyo.plateau_min_improvement = 0.01
+    # The blobs' loss falls geometrically, by a steady fraction an epoch, so no relative
+    # threshold finds a plateau in 12 epochs: every epoch is one here.
+    tiny_config.tamiyo.plateau_min_improvement = 10.0
     recorder = EventRecorder()
     trainer = build_trainer(tiny_config, data=tiny_data, callbacks=[recorder])
     trainer.train()

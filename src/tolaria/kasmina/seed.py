@@ -26,10 +26,11 @@ set by the layer's flush): a constant within the epoch, so the seed's gradient i
 ``g`` and the same sum over any split of the batch -- several ranks train it exactly as one
 process does.  Without telemetry the current batch measures them.  At ``d = 0`` the seed's
 gradient is ``g``.
-A custom autograd function gives it (not ``h + (d - d.detach())``, which evaluates to NaN
-wherever ``d`` overflows, letting a seed on trial poison the host).  Until FOSSILIZED the
-seed's input is detached, so a seed on trial never changes the host's gradients through
-its own input path.
+
+A custom autograd function gives all this (not ``h + (d - d.detach())``, which evaluates
+to NaN wherever ``d`` overflows, letting a seed on trial poison the host).  Until
+FOSSILIZED the seed's input is detached, so a seed on trial never changes the host's
+gradients through its own input path.
 
 Epoch counting is order-independent: a state entered at epoch boundary ``e`` has lived
 no epoch yet, so ``on_epoch_end(e)`` does not count for it; each later, distinct
