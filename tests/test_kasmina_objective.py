@@ -177,3 +177,25 @@ def test_the_pull_comes_from_the_last_epochs_telemetry(free_delta):
     _loss(model(x)).backward()
     torch.testing.assert_close(value.grad, g + value.detach() * seed.pull)
     assert export_structure(model)["seeds"][0]["pull"] == seed.pull  # resumes with it
+
+
+def test_the_input_hook_is_there_only_while_something_reads_the_input():
+    """A pre-hook puts a module on PyTorch's slower call path: after the first forward
+    (which learns the input's shape) it stays only while a seed holds ``widen``."""
+    from tolaria.kasmina.layer import _kasmina_input_hook
+
+    _, model, x, seeds = grown_pair("mlp")
+    block, seed = model.hidden[0], seeds[0]
+
+    def hooked() -> bool:
+        return _kasmina_input_hook in block._forward_pre_hooks.values()
+
+    assert not hooked() and seed.input_shape == (6,)
+    seed.germinate("widen", epoch=0)
+    assert hooked()
+    copy.deepcopy(model)(x)  # the copy's hook feeds the copy's layer
+    seed.transition(SeedState.CULLED, epoch=0, reason="test")
+    assert not hooked() and seed.layer.block_input is None
+    seed.transition(SeedState.DORMANT, epoch=0, reason="test")
+    seed.germinate("residual_mlp", epoch=0)
+    assert not hooked()

@@ -61,7 +61,7 @@ class KasminaLayer(nn.Module):
         #: Whether any seed holds a blueprint; kept by the seeds, read on every forward.
         self.grafted = False
         #: The host module's input of the forward now running, left by a pre-hook
-        #: (``_kasmina_input_hook``) and taken by ``forward``: what ``widen`` reads.
+        #: (``_kasmina_input_hook``, see ``sync_input_hook``) and taken by ``forward``.
         self.block_input: torch.Tensor | None = None
         self.channels: int | None = None
         self._widths: list[int] = []
@@ -101,6 +101,25 @@ class KasminaLayer(nn.Module):
 
     def refresh_grafted(self) -> None:
         self.grafted = any(seed.blueprint is not None for seed in self.seeds)
+        self.sync_input_hook()
+
+    def sync_input_hook(self) -> None:
+        """Keep the pre-hook that leaves the host module's input for this layer exactly
+        while something reads it: the first forward (which learns the input's shape, so
+        ``widen`` can be priced) and any seed holding a ``reads_input`` blueprint.  A hook
+        puts the module on PyTorch's slower call path, measurable on small layers."""
+        module = self.__dict__.get("_host")
+        if module is None:
+            return
+        wanted = self.channels is None or any(seed.reads_input for seed in self.seeds)
+        hooks = module._forward_pre_hooks
+        present = [key for key, hook in hooks.items() if hook is _kasmina_input_hook]
+        if wanted and not present:
+            module.register_forward_pre_hook(_kasmina_input_hook)
+        elif present and not wanted:
+            for key in present:
+                del hooks[key]
+            self.block_input = None
 
     def flush_telemetry(self, epoch: int) -> list[SeedTelemetry]:
         """This epoch's record for each seed, in chunk order (one device read); then reset.
@@ -210,6 +229,7 @@ class KasminaLayer(nn.Module):
             if isinstance(x, torch.Tensor) and x.dim() >= 2:
                 seed.input_shape = tuple(x.shape[1:])
         self.channels, self._widths = channels, widths
+        self.sync_input_hook()  # the input's shape is known now: keep the hook only if read
         self._split_points = tuple(itertools.accumulate(widths[:-1]))
         self._reduce_dims = (0, *range(2, h.dim()))
         self._row_dims = tuple(d + 1 for d in self._reduce_dims)
@@ -322,7 +342,10 @@ def inject_seeds(model: nn.Module, config: KasminaConfig) -> list[KasminaLayer]:
         if isinstance(module, nn.ModuleList | nn.ModuleDict):
             raise ConfigError(f"kasmina.layers: {name!r} is a container without a forward")
         module.add_module("kasmina", layer)
-        module.register_forward_pre_hook(_kasmina_input_hook)
+        # A plain attribute, as the seeds' ``_layer``: deepcopy's memo points a copied layer
+        # at the copied module.
+        object.__setattr__(layer, "_host", module)
+        layer.sync_input_hook()
         # nn.Sequential runs every child in order, so there the appended layer already
         # sees the output; a hook as well would apply it twice.
         if type(module).forward is not nn.Sequential.forward:

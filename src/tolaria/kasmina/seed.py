@@ -138,9 +138,10 @@ class KasminaSeed(nn.Module):
         does not support the chunk, fails to build, or its output shape differs.
         """
         self._check_legal(SeedState.GERMINATED)
-        self._hold(self.build_blueprint(blueprint, kwargs))
-        self.blueprint_name, self.blueprint_kwargs = blueprint, dict(kwargs)
+        module = self.build_blueprint(blueprint, kwargs)
         self.reads_input = get_blueprint(blueprint).reads_input
+        self._hold(module)
+        self.blueprint_name, self.blueprint_kwargs = blueprint, dict(kwargs)
         self._enter(SeedState.GERMINATED, epoch, reason)
 
     def transition(self, to: SeedState, *, epoch: int, reason: str) -> None:
@@ -256,12 +257,13 @@ class KasminaSeed(nn.Module):
 
     def restore(self, record: dict[str, Any], blueprint: nn.Module | None) -> None:
         """Set every structural field from an ``export_structure`` record (no transition)."""
+        name = record["blueprint"]
+        self.reads_input = blueprint is not None and get_blueprint(name).reads_input
         self._hold(blueprint)
         self.state = SeedState(record["state"])
         self.alpha = float(record["alpha"])
         self.blueprint_name = record["blueprint"]
         self.blueprint_kwargs = dict(record["blueprint_kwargs"])
-        self.reads_input = blueprint is not None and get_blueprint(self.blueprint_name).reads_input
         self.epochs_in_state = int(record["epochs_in_state"])
         self.pull = record.get("pull")  # absent: a manifest from before the TRAINING target
         self.clock = int(record["clock"])
