@@ -82,7 +82,9 @@ class KasminaLayer(nn.Module):
         self._batches = 0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x, self.block_input = self.block_input, None  # never held past its forward
+        x = self.block_input
+        if x is not None:  # never held past its forward (written only then: setting an
+            self.__dict__["block_input"] = None  # nn.Module attribute costs a microsecond)
         if self.channels is None:
             self._bind(h, x)
         if self.training and self.telemetry and not self.paused:
