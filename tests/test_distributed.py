@@ -179,6 +179,18 @@ def test_resuming_with_another_number_of_processes_is_refused(killed_run):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
+def test_a_rank_0_that_stops_before_training_stops_the_others_cleanly(config_file, killed_run):
+    """Rank 0 refuses a run directory that holds a run; the other rank, waiting to start,
+    leaves the group it joined (torn down before the interpreter's, no abort)."""
+    run_dir, _, _ = killed_run
+    done = _run([PYTHON, "-m", "tolaria", "train", "--nproc", "2", "--config", str(config_file),
+                 "--run-dir", str(run_dir), "--quiet"], timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "already holds a run" in done.stderr
+    assert "terminate called" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_config_error_is_said_once_before_any_rank_starts(config_file):
     done = _run([PYTHON, "-m", "tolaria", "train", "--nproc", "2", "--config", str(config_file),
                  "--set", "optimizer.lr=-1"], timeout=60)

@@ -155,6 +155,11 @@ class RankGroup:
             # A peer that finished and went away already: there is nothing left to share.
             with contextlib.suppress(RuntimeError):
                 dist.barrier()
+        RankGroup.leave()
+
+    @staticmethod
+    def leave() -> None:
+        """Tear this process's part of the group down, what holds it collected first."""
         gc.collect()
         dist.destroy_process_group()
 

@@ -104,6 +104,7 @@ def follow(args: argparse.Namespace, console: Console) -> int:
     try:
         _train_as_follower(args)
     except RankStopped as stop:  # rank 0 found nothing to do, or failed: it said why
+        RankGroup.leave()
         return stop.exit_code
     except (TolariaError, RuntimeError) as exc:
         error = exc if isinstance(exc, TolariaError) else rank_error(exc)
