@@ -14,7 +14,7 @@ import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -34,6 +34,19 @@ class Section(BaseModel):
     """Unknown keys are errors: a typo must never silently fall back to a default."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    #: Keys a section no longer has, with the value they held by default: a run directory
+    #: written before they went carries them, and at that value it loads as if they were
+    #: absent; any other value is an unknown key that names its replacement (REPLACED_KEYS).
+    retired_defaults: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired_defaults(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or not cls.retired_defaults:
+            return value
+        return {k: v for k, v in value.items() if not (
+            k in cls.retired_defaults and type(v) is type(cls.retired_defaults[k])
+            and v == cls.retired_defaults[k])}
 
 
 class CallbackConfig(Section):
@@ -78,6 +91,9 @@ class EarlyStoppingConfig(Section):
 
 
 class RunConfig(Section):
+    # ``amp: false`` (off, as run.precision's default is); ``amp: true`` was bf16 autocast.
+    retired_defaults: ClassVar[dict[str, Any]] = {"amp": False}
+
     #: Names the run directory (``<runs_root>/<name>-<time>``); a number is a name too.
     name: str = "mnist1d-mlp"
     #: Seeds Python, NumPy and torch, the train/val split and every epoch's data order.
@@ -129,15 +145,6 @@ class RunConfig(Section):
     def _device_name(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
             raise PydanticCustomError("device", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_amp_off(cls, value: Any) -> Any:
-        # Run directories written before run.precision carry ``amp: false``: the default,
-        # so it loads; ``amp: true`` still names its replacement (REPLACED_KEYS).
-        if isinstance(value, dict) and value.get("amp") is False:
-            return {k: v for k, v in value.items() if k != "amp"}
         return value
 
 
@@ -268,6 +275,10 @@ class TamiyoConfig(Section):
     were checked on three tasks: MNIST-1D with seeds on the input or the hidden layers, and
     digits with a CNN host (``benchmarks/bench_growth``, docs/growth-sweep.md)."""
 
+    # The absolute plateau's default (0.05 of loss): close to the relative one's on a loss
+    # near 1, where the default job's lies.
+    retired_defaults: ClassVar[dict[str, Any]] = {"plateau_min_delta": 0.05}
+
     #: ``heuristic``, ``learned`` (the academy's network: ACADEMY.md §1) or ``module:Class``.
     policy: str = "heuristic"
     #: The learned policy's version (``v3``); None: the academy's champion.
@@ -351,15 +362,6 @@ class TamiyoConfig(Section):
     max_repeated_failures: int = Field(3, ge=1)
     #: Epochs after a decision at which its outcome is logged.
     outcome_horizon: int = Field(3, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _old_plateau_default(cls, value: Any) -> Any:
-        # Run directories written before the relative plateau carry the old default (0.05 of
-        # absolute loss): it loads as the new default; another value names its replacement.
-        if isinstance(value, dict) and value.get("plateau_min_delta") == 0.05:
-            return {k: v for k, v in value.items() if k != "plateau_min_delta"}
-        return value
 
     @field_validator("blueprints", mode="before")
     @classmethod

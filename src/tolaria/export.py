@@ -4,7 +4,7 @@ Folding replaces every ``KasminaLayer`` by what its forward computes in eval mod
 adds ``alpha * d(chunk)`` to its chunk of the host output, with ``alpha`` 1 once FOSSILIZED,
 the blending ramp while BLENDING, 1 in PROBATIONARY and 0 before (a TRAINING seed's
 value is the host's).  DORMANT and CULLED seeds hold no blueprint
-and add nothing.  A layer whose seeds all add nothing becomes an identity; any other
+and add nothing.  A layer whose seeds all add nothing becomes ``nn.Identity``; any other
 becomes ``GraftedChunks``, the same split into chunks with the kept deltas added.  Seeds
 still on trial are dropped (``trials="drop"``: the host as it stands without them) or kept
 at their current alpha (``"keep"``: exactly what validation measured).
@@ -36,6 +36,7 @@ from tolaria.contracts import SeedState
 from tolaria.errors import ExportError
 from tolaria.export_cli import FORMATS, TRIALS  # the command's vocabulary, kept torch-free
 from tolaria.kasmina import KasminaLayer, KasminaSeed
+from tolaria.kasmina.layer import keep_input_hook
 
 
 class GraftedChunks(nn.Module):
@@ -58,7 +59,7 @@ class GraftedChunks(nn.Module):
         self.block_input: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x, self.block_input = self.block_input, None
+        x, self.block_input = self.block_input, None  # left by the pre-hook, never held
         chunks = torch.tensor_split(h, self.split_points, dim=1)
         return torch.cat([self._graft(i, chunk, x) for i, chunk in enumerate(chunks)], dim=1)
 
@@ -89,6 +90,8 @@ def fold_grafts(model: nn.Module, *, trials: str = "drop") -> nn.Module:
             # The same slot, so what ran the layer (the forward hook that inject_seeds
             # registered, or nn.Sequential's loop) now runs the fold.
             module.kasmina = _fold_layer(layer, trials)
+            # The input pre-hook stays only where a kept graft reads the module's input.
+            keep_input_hook(module, bool(getattr(module.kasmina, "reads_input", ())))
     return folded
 
 
@@ -99,18 +102,10 @@ def _fold_layer(layer: KasminaLayer, trials: str) -> nn.Module:
         if alpha != 0.0:
             grafts[i] = (seed.blueprint, alpha)
     if not grafts:
-        return _Unchanged()
+        return nn.Identity()
     widths = [seed.chunk_shape[0] for seed in layer.seeds]
     reads_input = {i for i in grafts if layer.seeds[i].reads_input}
     return GraftedChunks(tuple(itertools.accumulate(widths[:-1])), grafts, reads_input)
-
-
-class _Unchanged(nn.Identity):
-    """A folded layer that adds nothing; it drops the module input the pre-hook leaves."""
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        self.block_input = None
-        return h
 
 
 def _kept_alpha(seed: KasminaSeed, trials: str) -> float:

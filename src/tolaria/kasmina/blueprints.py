@@ -83,6 +83,12 @@ def blueprint_shapes(
     return None if input_shape is None else (tuple(chunk_shape), tuple(input_shape))
 
 
+def fits(blueprint: Blueprint, chunk_shape: ChunkShape, input_shape: ChunkShape | None) -> bool:
+    """Whether ``blueprint`` supports a seed with these shapes (an unknown input: no)."""
+    shapes = blueprint_shapes(blueprint, chunk_shape, input_shape)
+    return shapes is not None and blueprint.supports(*shapes)
+
+
 def _zero_(layer: nn.Module) -> nn.Module:
     """Zero a layer's parameters so the delta it ends is exactly 0 at graft."""
     for parameter in layer.parameters():

@@ -114,13 +114,8 @@ class KasminaLayer(nn.Module):
         if module is None:
             return
         wanted = self.channels is None or any(seed.reads_input for seed in self.seeds)
-        hooks = module._forward_pre_hooks
-        present = [key for key, hook in hooks.items() if hook is _kasmina_input_hook]
-        if wanted and not present:
-            module.register_forward_pre_hook(_kasmina_input_hook)
-        elif present and not wanted:
-            for key in present:
-                del hooks[key]
+        keep_input_hook(module, wanted)
+        if not wanted:
             self.block_input = None
 
     def flush_telemetry(self, epoch: int) -> list[SeedTelemetry]:
@@ -312,6 +307,17 @@ def _kasmina_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) 
 def _kasmina_input_hook(module: nn.Module, args: tuple) -> None:
     # A pre-hook, so that an nn.Sequential's appended layer sees the block's input too.
     module.kasmina.block_input = args[0] if args else None
+
+
+def keep_input_hook(module: nn.Module, wanted: bool) -> None:
+    """Register ``module``'s input pre-hook if ``wanted`` and absent; remove it if present
+    and not (``KasminaLayer.sync_input_hook``; a folded model follows the same rule)."""
+    hooks = module._forward_pre_hooks
+    present = [key for key, hook in hooks.items() if hook is _kasmina_input_hook]
+    if wanted and not present:
+        module.register_forward_pre_hook(_kasmina_input_hook)
+    for key in present if not wanted else ():
+        del hooks[key]
 
 
 def inject_seeds(model: nn.Module, config: KasminaConfig) -> list[KasminaLayer]:

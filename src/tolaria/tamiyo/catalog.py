@@ -20,7 +20,7 @@ from tolaria.config import KasminaConfig, TamiyoConfig
 from tolaria.contracts import SeedState
 from tolaria.errors import BlueprintError, ConfigError
 from tolaria.kasmina import KasminaSeed, available_blueprints, get_blueprint
-from tolaria.kasmina.blueprints import blueprint_shapes
+from tolaria.kasmina.blueprints import blueprint_shapes, fits
 from tolaria.tamiyo.emergency import IncidentMemory
 from tolaria.tamiyo.policy import GraftOption
 
@@ -67,7 +67,7 @@ class GraftCatalog:
                 self._priced[key] = (
                     (blueprint.param_cost(*shapes, **kwargs),
                      blueprint.receptive_field(*shapes, **kwargs))
-                    if shapes is not None and blueprint.supports(*shapes) else None
+                    if fits(blueprint, chunk_shape, input_shape) else None
                 )
             except (TypeError, ValueError) as exc:
                 raise ConfigError(
@@ -171,10 +171,6 @@ class GraftCatalog:
     @staticmethod
     def _fitting(seed: KasminaSeed) -> str:
         """The registered blueprints whose ``supports`` accepts ``seed``'s chunk."""
-        names = []
-        for name in available_blueprints():
-            blueprint = get_blueprint(name)
-            shapes = blueprint_shapes(blueprint, seed.chunk_shape, seed.input_shape)
-            if shapes is not None and blueprint.supports(*shapes):
-                names.append(name)
+        names = [name for name in available_blueprints()
+                 if fits(get_blueprint(name), seed.chunk_shape, seed.input_shape)]
         return ", ".join(names) or "none"
